@@ -1,0 +1,112 @@
+"""Parity metrics between a reference model and a target, on the same token ids.
+
+Used by `lorax check`, `lorax baseline`, the merge's `--merge-base auto`, and the tests.
+Pure numpy, no I/O. Definitions follow ../shared/DESIGN.md (KLD as llama.cpp's
+`--kl-divergence`: sum over the vocabulary of p_ref * (log p_ref - log p_target)).
+
+Inputs are teacher-forced logits, shape [positions, vocab], float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (small KLDs of f32 exports are ~1e-6; float32 sums lose them)."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kld_per_position(ref_logits: np.ndarray, tgt_logits: np.ndarray) -> np.ndarray:
+    """KL(ref || target) at each position, shape [positions]."""
+    _check_shapes(ref_logits, tgt_logits)
+    p = log_softmax(ref_logits)
+    q = log_softmax(tgt_logits)
+    kld = (np.exp(p) * (p - q)).sum(axis=-1)
+    # Tiny negative values are rounding; KL is non-negative.
+    return np.maximum(kld, 0.0)
+
+
+def top1_agreement(ref_logits: np.ndarray, tgt_logits: np.ndarray) -> float:
+    _check_shapes(ref_logits, tgt_logits)
+    return float((ref_logits.argmax(-1) == tgt_logits.argmax(-1)).mean())
+
+
+def max_abs_logit(ref_logits: np.ndarray, tgt_logits: np.ndarray) -> float:
+    _check_shapes(ref_logits, tgt_logits)
+    return float(np.abs(np.asarray(ref_logits, np.float64) - np.asarray(tgt_logits, np.float64)).max())
+
+
+def nll(logits: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+    """Negative log-likelihood of ids[1:] given logits[:-1] (logits[i] predicts ids[i+1])."""
+    ids = np.asarray(ids)
+    if logits.shape[0] != ids.shape[0]:
+        raise ValueError(f"logits cover {logits.shape[0]} positions but there are {ids.shape[0]} ids")
+    lp = log_softmax(logits[:-1])
+    return -lp[np.arange(len(ids) - 1), ids[1:]]
+
+
+def perplexity(logits: np.ndarray, ids: Sequence[int]) -> float:
+    return float(np.exp(nll(logits, ids).mean()))
+
+
+def greedy_match(ref_tokens: Sequence[Sequence[int]], tgt_tokens: Sequence[Sequence[int]]) -> float:
+    """Share of prompts whose greedy continuations are identical."""
+    if len(ref_tokens) != len(tgt_tokens):
+        raise ValueError("greedy_match needs one continuation per prompt on both sides")
+    if not ref_tokens:
+        return float("nan")
+    return float(np.mean([list(a) == list(b) for a, b in zip(ref_tokens, tgt_tokens, strict=True)]))
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Aggregate parity of a target against the reference over one or more sequences."""
+
+    kld_mean: float
+    kld_p99: float
+    kld_max: float
+    top1: float
+    max_abs_logit: float
+    ppl_ref: float
+    ppl_target: float
+    ppl_ratio: float
+    positions: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def compare(
+    ref: Sequence[np.ndarray], tgt: Sequence[np.ndarray], ids: Sequence[Sequence[int]]
+) -> Parity:
+    """Parity over several sequences: per-position metrics pooled, PPL over all predicted tokens."""
+    if not (len(ref) == len(tgt) == len(ids)) or not ref:
+        raise ValueError("compare needs the same non-zero number of reference, target and id sequences")
+    klds = np.concatenate([kld_per_position(r, t) for r, t in zip(ref, tgt, strict=True)])
+    agree = np.concatenate([r.argmax(-1) == t.argmax(-1) for r, t in zip(ref, tgt, strict=True)])
+    mal = max(max_abs_logit(r, t) for r, t in zip(ref, tgt, strict=True))
+    nll_r = np.concatenate([nll(r, s) for r, s in zip(ref, ids, strict=True)])
+    nll_t = np.concatenate([nll(t, s) for t, s in zip(tgt, ids, strict=True)])
+    ppl_r, ppl_t = float(np.exp(nll_r.mean())), float(np.exp(nll_t.mean()))
+    return Parity(
+        kld_mean=float(klds.mean()),
+        kld_p99=float(np.percentile(klds, 99)),
+        kld_max=float(klds.max()),
+        top1=float(agree.mean()),
+        max_abs_logit=float(mal),
+        ppl_ref=ppl_r,
+        ppl_target=ppl_t,
+        ppl_ratio=ppl_t / ppl_r,
+        positions=int(klds.size),
+    )
+
+
+def _check_shapes(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"logit shapes differ: reference {a.shape} vs target {b.shape}")

@@ -1,0 +1,1 @@
+"""GGUF: import (GGUF -> HF dir), export (HF dir -> GGUF), quantize, and a llama.cpp runner."""
