@@ -18,7 +18,6 @@ import sys
 
 import click
 
-from exporter import __version__
 from exporter.errors import LoraxError
 from formats.errors import FormatError
 from train.errors import TrainError

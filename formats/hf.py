@@ -45,8 +45,9 @@ class HFRunner:
 
         def step(new: list[int]) -> np.ndarray:
             with torch.inference_mode():
-                out = self.model(input_ids=torch.tensor([new]), past_key_values=state["past"], use_cache=True)
-            state["past"] = out.past_key_values
+                # transformers 5 names the KV cache `cache` (past_key_values is deprecated)
+                out = self.model(input_ids=torch.tensor([new]), cache=state["past"], use_cache=True)
+            state["past"] = out.cache
             return out.logits[0, -1].float().numpy()
 
         return greedy_loop(step, ids, n, self.stop)
