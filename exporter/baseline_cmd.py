@@ -1,0 +1,87 @@
+"""`lorax baseline save|compare`: golden outputs of an artifact and the drift of a new build."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _tokenizer_for(artifact: str, tokenizer_dir: str | None):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from exporter.errors import LoraxError
+    from exporter.targets import onnx_dir
+
+    p = Path(artifact)
+    for cand in ([tokenizer_dir] if tokenizer_dir else []) + [p if p.is_dir() else None, onnx_dir(p) if p.is_dir() else None]:
+        if cand and (Path(cand) / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(cand)
+    raise LoraxError(f"{artifact}: no tokenizer files next to it; pass --tokenizer DIR (e.g. the merged model dir)")
+
+
+@click.group("baseline")
+def command() -> None:
+    """Save golden outputs of an artifact; compare a later build against them (exit 1 on drift)."""
+
+
+@command.command("save")
+@click.argument("artifact", type=click.Path(exists=True))
+@click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False),
+              help="HF dir whose tokenizer/chat template renders the prompts (default: the artifact's own).")
+@click.option("--gen-tokens", default=16, show_default=True)
+@click.option("--max-samples", type=int, default=None)
+@click.option("--force", is_flag=True, help="Replace an existing baseline file.")
+def save_cmd(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples, force) -> None:
+    from exporter import baseline
+    from exporter.samples import build, load_rows
+    from exporter.targets import open_target
+    from formats.fsutil import atomic_file
+
+    target = open_target(artifact)
+    rows, _ = load_rows(prompts)
+    samples = build(rows, _tokenizer_for(artifact, tokenizer_dir), max_samples=max_samples)
+    data = baseline.save(target.runner, samples, str(artifact), gen_tokens)
+    with atomic_file(out_path, force=force) as tmp:
+        tmp.write_text(json.dumps(data) + "\n")
+    click.echo(f"baseline of {artifact}: {len(samples)} sequences, {sum(len(s.ids) for s in samples)} tokens "
+               f"-> {out_path}")
+
+
+@command.command("compare")
+@click.argument("artifact", type=click.Path(exists=True))
+@click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
+              help="Check the baseline was made with these prompts.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE")
+def compare_cmd(artifact, baseline_path, prompts, tokenizer_dir, thresholds) -> None:
+    from exporter import baseline
+    from exporter.errors import GateFailed, LoraxError
+    from exporter.samples import build, load_rows
+    from exporter.targets import open_target
+    from exporter.thresholds import DRIFT_THRESHOLDS, parse_overrides, violations
+
+    data = baseline.load(baseline_path)
+    target = open_target(artifact)
+    samples = None
+    if prompts:
+        rows, _ = load_rows(prompts)
+        samples = build(rows, _tokenizer_for(artifact, tokenizer_dir))
+    baseline.check_inputs(data, target.runner, samples)
+    drift = baseline.compare(data, target.runner)
+    try:
+        limits = {**DRIFT_THRESHOLDS, **parse_overrides(thresholds, None)}
+    except ValueError as e:
+        raise LoraxError(str(e)) from None
+    limits = {k: v for k, v in limits.items() if v is not None}
+    failures = violations(drift.metrics, limits)
+    click.echo(json.dumps({"artifact": str(artifact), "baseline": str(baseline_path), "metrics": drift.metrics,
+                           "thresholds": limits, "baseline_versions": data.get("versions"),
+                           "passed": not failures, "failures": failures}, indent=2))
+    if failures:
+        raise GateFailed(f"{artifact} drifted from {baseline_path}: {'; '.join(failures)}")

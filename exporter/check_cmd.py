@@ -1,0 +1,45 @@
+"""`lorax check ADAPTER ARTIFACT...`: exit 1 when any artifact drifts past its threshold."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("check")
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path())
+@click.option("--base", type=click.Path(exists=True, file_okay=False),
+              help="Base model dir, for adapters without lorax.json (default: the one recorded).")
+@click.option("--trained-on", type=click.Choice(["nf4", "fp4", "none"]),
+              help="Quantization the adapter was trained on (required for adapters without lorax.json).")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
+              help="JSONL prompts (messages / prompt+completion / text). Default: the adapter's eval.jsonl.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Write report.json, report.md and kld.svg here.")
+@click.option("--gen-tokens", default=16, show_default=True, help="Greedy tokens compared per prompt.")
+@click.option("--max-samples", type=int, default=None, help="Use at most this many prompts.")
+@click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE",
+              help="Override a limit for every target (e.g. kld_mean=0.2, or =none to ungate).")
+@click.option("--thresholds", "thresholds_yaml", type=click.Path(exists=True, dir_okay=False),
+              help="YAML mapping metric: limit, applied to every target (flags win).")
+def command(adapter, artifacts, base, trained_on, prompts, report_dir, gen_tokens, max_samples, thresholds,
+            thresholds_yaml) -> None:
+    """Compare each ARTIFACT (GGUF file, ONNX dir, merged HF dir) with the model as trained."""
+    from exporter.check import check
+    from exporter.errors import LoraxError
+    from exporter.report import to_markdown
+    from exporter.thresholds import parse_overrides
+
+    try:
+        overrides = parse_overrides(thresholds, thresholds_yaml)
+    except ValueError as e:
+        raise LoraxError(str(e)) from None
+    report = check(adapter, list(artifacts), base=base, trained_on=trained_on, prompts=prompts,
+                   report_dir=report_dir, gen_tokens=gen_tokens, max_samples=max_samples, overrides=overrides,
+                   raise_on_fail=False)
+    click.echo(to_markdown(report))
+    if not report.passed:
+        from exporter.errors import GateFailed
+
+        failed = [t.name for t in report.targets if not t.passed]
+        raise GateFailed(f"parity gate failed for {', '.join(failed)}")

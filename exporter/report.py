@@ -1,0 +1,95 @@
+"""Write the gate's report: report.json (machine), report.md (a person, worst target first), kld.svg.
+
+    lorax check ... --report dist/    ->  dist/report.json, dist/report.md, dist/kld.svg
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from exporter.gate import Report, TargetResult
+
+COLUMNS = [  # (metric, header, format)
+    ("kld_mean", "mean KLD", "{:.2e}"),
+    ("kld_p99", "p99 KLD", "{:.2e}"),
+    ("top1", "top-1", "{:.1%}"),
+    ("max_abs_logit", "max |Δlogit|", "{:.3g}"),
+    ("ppl_ratio", "PPL ratio", "{:.4f}"),
+    ("greedy_match", "greedy match", "{:.0%}"),
+    ("task_accuracy", "task acc.", "{:.0%}"),
+]
+PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
+
+
+def severity(t: TargetResult) -> tuple:
+    return (t.passed, -t.metrics.get("kld_mean", math.inf))
+
+
+def to_markdown(report: Report) -> str:
+    verdict = "PASSED" if report.passed else "FAILED"
+    lines = [
+        f"# lorax parity report: {verdict}",
+        "",
+        f"Reference: {report.reference}  ",
+        f"Prompts: {report.prompts} ({report.samples} sequences, {report.tokens} tokens teacher-forced, "
+        f"greedy match over {report.gen_tokens} tokens)",
+    ]
+    if report.reference_task_accuracy is not None:
+        lines.append(f"Reference task accuracy: {report.reference_task_accuracy:.0%}")
+    lines += ["", "| target | format | type | " + " | ".join(h for _, h, _ in COLUMNS) + " | verdict |",
+              "|---" * (len(COLUMNS) + 4) + "|"]
+    for t in sorted(report.targets, key=severity):
+        cells = []
+        for key, _, fmt in COLUMNS:
+            v = t.metrics.get(key)
+            cell = "–" if v is None else fmt.format(v)
+            if key in t.thresholds:
+                cell += f" ({'≥' if key in ('top1', 'greedy_match') else '≤'}{t.thresholds[key]:.3g})"
+            cells.append(cell)
+        verdict = "pass" if t.passed else "**FAIL**: " + "; ".join(t.failures)
+        lines.append(f"| {t.name} | {t.format} | {t.dtype} | " + " | ".join(cells) + f" | {verdict} |")
+    lines += ["", "Thresholds in parentheses; KLD = Σ p_ref·(log p_ref − log p_target) per position.",
+              "![per-position KLD](kld.svg)", ""]
+    return "\n".join(lines)
+
+
+def kld_svg(report: Report, width: int = 900, height: int = 320) -> str:
+    """Per-position KLD of each target on a log scale, as a dependency-free SVG."""
+    series = [(t.name, t.kld_positions) for t in report.targets if t.kld_positions]
+    pad_l, pad_b, pad_t = 60, 30, 20
+    plot_w, plot_h = width - pad_l - 180, height - pad_b - pad_t
+    lo, hi = -8.0, 1.0  # log10 range shown: 1e-8 .. 10
+    n = max((len(s) for _, s in series), default=1)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for e in range(int(lo), int(hi) + 1):
+        y = pad_t + plot_h * (hi - e) / (hi - lo)
+        out.append(f'<line x1="{pad_l}" x2="{pad_l + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{pad_l - 6}" y="{y + 4:.1f}" text-anchor="end">1e{e}</text>')
+    for i, (name, ks) in enumerate(series):
+        pts = []
+        for j, k in enumerate(ks):
+            v = min(max(math.log10(max(k, 1e-12)), lo), hi)
+            pts.append(f"{pad_l + plot_w * j / max(n - 1, 1):.1f},{pad_t + plot_h * (hi - v) / (hi - lo):.1f}")
+        color = PALETTE[i % len(PALETTE)]
+        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1" points="{" ".join(pts)}"/>')
+        out.append(f'<text x="{pad_l + plot_w + 10}" y="{pad_t + 14 * (i + 1)}" fill="{color}">{name}</text>')
+    out.append(f'<text x="{pad_l + plot_w / 2}" y="{height - 6}" text-anchor="middle">token position '
+               '(all sequences, concatenated)</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "svg": out_dir / "kld.svg"}
+    texts = {"json": json.dumps(report.as_dict(), indent=2) + "\n", "md": to_markdown(report),
+             "svg": kld_svg(report)}
+    for key, path in paths.items():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(texts[key])
+        tmp.replace(path)  # a reader never sees half a report
+    return paths
