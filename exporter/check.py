@@ -21,9 +21,9 @@ def reference_runner(source: str | Path, base: str | Path | None = None, trained
 
     source = Path(source)
     if (source / "adapter_config.json").is_file():
-        from exporter.reference import load_reference
+        from exporter.reference import load_reference, read_adapter
 
-        model, tokenizer = load_reference(source, base=base, trained_on=trained_on)
+        model, tokenizer = load_reference(read_adapter(source, trained_on=trained_on, base_dir=base))
         return HFRunner(source, model=model, tokenizer=tokenizer, name=f"reference:{source.name}")
     if (source / "config.json").is_file():
         return HFRunner(source, name=f"reference:{source.name}")

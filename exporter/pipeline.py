@@ -63,8 +63,8 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
         if is_adapter(source):
             from exporter.merge import merge_adapter
 
-            merge_adapter(source, tmp / "merged", base=opts.base, trained_on=opts.trained_on,
-                          merge_base=opts.merge_base, dtype=opts.dtype)
+            merge_adapter(source, tmp / "merged", merge_base=opts.merge_base, dtype=opts.dtype,
+                          trained_on=opts.trained_on, base_dir=opts.base)
             merged_tmp, merged_final = tmp / "merged", out_dir / "merged"
             artifacts.append(merged_final)
         elif (source / "config.json").is_file():
@@ -96,8 +96,7 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
         return None
     from exporter.check import check
 
-    targets = artifacts if is_adapter(source) else [a for a in artifacts if a != source]
-    report = check(source, targets, base=opts.base, trained_on=opts.trained_on, prompts=opts.prompts,
+    report = check(source, artifacts, base=opts.base, trained_on=opts.trained_on, prompts=opts.prompts,
                    report_dir=out_dir, gen_tokens=opts.gen_tokens, max_samples=opts.max_samples,
                    overrides=opts.overrides, raise_on_fail=False)
     meta = json.loads((out_dir / "lorax.json").read_text())
