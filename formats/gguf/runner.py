@@ -1,7 +1,11 @@
 """Runner for a GGUF file in llama.cpp (llama-cpp-python), with logits at every position.
 
     from formats.gguf.runner import GGUFRunner
-    r = GGUFRunner("dist/model-f32.gguf"); r.logits(ids)
+    with GGUFRunner("dist/model-f32.gguf") as r:
+        r.logits(ids)
+    GGUFRunner("dist/base-f32.gguf", lora_path="dist/model-lora-f32.gguf")   # base + LoRA adapter GGUF
+
+llama.cpp's defaults are kept (f16 KV cache, as users run it), so parity measures what users get.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from formats.errors import FormatError
+from formats.gguf.llama_log import capture_llama_log
 from formats.runner import greedy_loop
 
 
@@ -24,34 +29,38 @@ class GGUFRunner:
         self.path = Path(path)
         if not self.path.is_file():
             raise FormatError(f"{self.path}: no such GGUF file")
-        self.name = name or f"gguf:{self.path.name}"
+        if lora_path is not None and not Path(lora_path).is_file():
+            raise FormatError(f"{lora_path}: no such LoRA GGUF file")
+        self.name = name or f"gguf:{self.path.name}" + (f"+{Path(lora_path).name}" if lora_path else "")
         self.n_ctx = n_ctx
-        self.llm = Llama(
-            model_path=str(self.path),
-            n_ctx=n_ctx,
-            n_batch=min(n_ctx, 512),
-            logits_all=True,  # teacher-forced parity needs every position's logits
-            n_threads=n_threads or os.cpu_count(),
-            lora_path=str(lora_path) if lora_path else None,
-            verbose=False,
-        )
+        with capture_llama_log() as log:
+            try:
+                self.llm = Llama(
+                    model_path=str(self.path),
+                    n_ctx=n_ctx,
+                    n_batch=min(n_ctx, 512),
+                    logits_all=True,  # teacher-forced parity needs every position's logits
+                    n_threads=n_threads or os.cpu_count(),
+                    lora_path=str(lora_path) if lora_path else None,
+                    verbose=False,
+                )
+            except ValueError as e:  # llama-cpp-python's message has no reason; libllama logged it
+                raise FormatError(f"llama.cpp could not load {self.name}: {_reason(log, str(e))}") from e
+            # llama-cpp-python tests a NULL adapter pointer with `is None`, so a LoRA that libllama rejects
+            # (wrong base, wrong shapes) would silently leave the base model running: refuse it here
+            if lora_path and not self.llm._lora_adapter:
+                self.llm.close()
+                raise FormatError(f"llama.cpp rejected the LoRA {Path(lora_path).name} for {self.path.name}: "
+                                  f"{_reason(log, 'no reason logged')}")
         self.vocab = self.llm.n_vocab()
-        self.stop = {t for t in range(self.vocab) if self._is_eog(t)} if self.vocab <= 512 else self._eog_ids()
-
-    def _is_eog(self, tok: int) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab_ptr(), tok))
-
-    def _vocab_ptr(self):
-        import llama_cpp
-
-        return llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.stop = self._eog_ids()
 
     def _eog_ids(self) -> set[int]:
-        ids = {self.llm.token_eos()}
-        eot = getattr(self.llm, "token_eot", None)
-        return ids | ({eot()} if callable(eot) and eot() >= 0 else set())
+        """Every token llama.cpp treats as end-of-generation (eos, eot and the ones it detects by text)."""
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        return {t for t in range(self.vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # special=True parses special tokens written in the text, as HF tokenizers do.
@@ -73,3 +82,19 @@ class GGUFRunner:
             return np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
 
         return greedy_loop(step, ids, n, self.stop)
+
+    def close(self) -> None:
+        """Free the model now (llama-cpp-python's finalizer fails if it only runs at interpreter exit)."""
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self) -> GGUFRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _reason(log: list[str], default: str) -> str:
+    return next((ln.strip() for ln in reversed(log) if "fail" in ln.lower() or "error" in ln.lower()), default)
