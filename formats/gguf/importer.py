@@ -20,7 +20,24 @@ from formats.hf_compat import patch_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Bump when the import output changes, so cached imports (exporter.default_model) are redone.
-IMPORTER_VERSION = 1
+IMPORTER_VERSION = 2
+
+# llama.cpp pre-tokenizer name (tokenizer.ggml.pre) -> the HF pre-tokenizer that splits text the same way.
+# transformers' GGUF reader builds a plain byte-level pre-tokenizer for every BPE vocab, which drops
+# e.g. SmolLM2's single-digit split; restore it so the HF tokenizer is the GGUF's tokenizer.
+PRE_TOKENIZERS: dict[str, list[tuple[str, dict]]] = {
+    "smollm": [("Digits", {"individual_digits": True}),
+               ("ByteLevel", {"add_prefix_space": False, "trim_offsets": True, "use_regex": True})],
+}
+
+
+def _restore_pre_tokenizer(tokenizer, pre_name: str | None) -> None:
+    if pre_name not in PRE_TOKENIZERS:
+        return
+    from tokenizers import pre_tokenizers
+
+    steps = [getattr(pre_tokenizers, cls)(**kw) for cls, kw in PRE_TOKENIZERS[pre_name]]
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32", force: bool = False) -> Path:
@@ -34,6 +51,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float3
 
     with atomic_dir(out_dir, force=force) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+        _restore_pre_tokenizer(tokenizer, info.pre_tokenizer)
         loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
         config = loaded.config
         if hasattr(config, "quantization_config"):

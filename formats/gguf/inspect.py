@@ -26,6 +26,7 @@ class GGUFInfo:
     n_tensors: int
     file_type: int | None
     tensor_types: dict[str, int]
+    pre_tokenizer: str | None = None
 
 
 def _field_value(reader, key: str):
@@ -68,4 +69,5 @@ def inspect_gguf(path: str | Path, supported: tuple[str, ...] = SUPPORTED_ARCHS)
         n_tensors=len(reader.tensors),
         file_type=_field_value(reader, "general.file_type"),
         tensor_types={t.name: int(t.tensor_type) for t in reader.tensors},
+        pre_tokenizer=_field_value(reader, "tokenizer.ggml.pre"),
     )
