@@ -20,10 +20,14 @@ from formats.errors import FormatError
 from formats.gguf.llama_log import capture_llama_log
 from formats.runner import greedy_loop
 
+# KV cache precision -> ggml type constant (looked up lazily: llama_cpp is a heavy import)
+KV_TYPES = {"f32": lambda m: m.GGML_TYPE_F32, "f16": lambda m: m.GGML_TYPE_F16}
+
 
 class GGUFRunner:
     def __init__(self, path: str | Path, n_ctx: int = 4096, lora_path: str | Path | None = None,
-                 name: str | None = None, n_threads: int | None = None) -> None:
+                 name: str | None = None, n_threads: int | None = None, kv_cache: str = "f32") -> None:
+        import llama_cpp
         from llama_cpp import Llama
 
         self.path = Path(path)
@@ -42,6 +46,11 @@ class GGUFRunner:
                     logits_all=True,  # teacher-forced parity needs every position's logits
                     n_threads=n_threads or os.cpu_count(),
                     lora_path=str(lora_path) if lora_path else None,
+                    # llama.cpp's default f16 KV cache adds ~0.02 max |dlogit| (KLD ~1e-6) on its own, enough
+                    # to flip near-tied top-1 tokens of an exact f32 file; the gate measures the file, so it
+                    # keeps the cache in f32 by default (kv_cache="f16" measures the runtime default).
+                    type_k=KV_TYPES[kv_cache](llama_cpp),
+                    type_v=KV_TYPES[kv_cache](llama_cpp),
                     verbose=False,
                 )
             except ValueError as e:  # llama-cpp-python's message has no reason; libllama logged it
