@@ -1,0 +1,305 @@
+"""The reference: the model that was trained, rebuilt from an adapter directory.
+
+    from exporter.reference import read_adapter, load_reference
+    info = read_adapter("adapter/")                      # lorax.json, or --trained-on for plain PEFT dirs
+    model, tokenizer = load_reference(info)               # 4-bit base exactly as in training + the adapter
+
+Used by `lorax merge` (what was trained on, which base tensors were quantized, `--merge-base auto`'s
+yardstick) and by the parity gate. The one invariant (../shared/DESIGN.md): the reference is the base
+loaded exactly as in training (NF4/FP4, blocksize, double quant, compute dtype, load dtype) with the
+adapter on top; every artifact is measured against it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import LoraxError
+
+TRAINED_ON = ("nf4", "fp4", "none")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+# PEFT types other than plain LoRA, by the name users know them by: merging them needs other math.
+PEFT_TYPE_NAMES = {"LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3", "ADALORA": "AdaLoRA", "VERA": "VeRA",
+                   "OFT": "OFT", "BOFT": "BOFT", "XLORA": "X-LoRA", "PROMPT_TUNING": "prompt tuning",
+                   "PREFIX_TUNING": "prefix tuning", "P_TUNING": "P-tuning", "RANDLORA": "RandLoRA"}
+# LoRA config switches that change the math of the update (value counts when truthy) -> their name
+UNSUPPORTED_LORA_FEATURES = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "layer_replication": "layer replication",
+                             "alora_invocation_tokens": "aLoRA", "trainable_token_indices": "trainable tokens",
+                             "target_parameters": "LoRA on parameters (target_parameters)",
+                             "arrow_config": "Arrow routing", "use_bdlora": "BD-LoRA"}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """How the base was loaded when the adapter was trained."""
+
+    method: str  # "bnb-4bit" or "none"
+    quant_type: str | None = None  # "nf4" | "fp4"
+    blocksize: int = 64
+    double_quant: bool = False
+    compute_dtype: str = "float32"
+    quant_storage: str = "uint8"
+    # dtype transformers cast the base to at load time; bnb quantized the weights after that cast
+    load_dtype: str = "float32"
+    torch_threads: int | None = None  # of the training process (see exporter.quant4.Quant4Spec.threads)
+
+    @property
+    def quantized(self) -> bool:
+        return self.method == "bnb-4bit"
+
+    def label(self) -> str:
+        return f"{self.quant_type}{'+dq' if self.double_quant else ''}" if self.quantized else "none"
+
+    def quant_spec(self):
+        import torch
+
+        from exporter.quant4 import Quant4Spec
+
+        return Quant4Spec(self.quant_type, self.blocksize, self.double_quant, getattr(torch, self.load_dtype),
+                          self.torch_threads)
+
+    def bnb_config(self):
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.blocksize != 64:
+            raise LoraxError(f"blocksize {self.blocksize}: transformers' bitsandbytes loader only quantizes with "
+                             "blocksize 64, so this training setup cannot be rebuilt as a reference")
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
+                                  bnb_4bit_quant_storage=getattr(torch, self.quant_storage))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class AdapterInfo:
+    adapter_dir: Path
+    base_dir: Path
+    peft_config: dict[str, Any]
+    trained_on: TrainedOn
+    lorax: dict[str, Any] | None = None  # the adapter's lorax.json; None for a plain PEFT dir
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoraxError(f"{path} is missing: {what}") from None
+    except json.JSONDecodeError as e:
+        raise LoraxError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from None
+
+
+def check_peft_config(cfg: dict[str, Any], where: Path) -> None:
+    """Refuse adapters whose update is not plain LoRA (one line naming the feature)."""
+    ptype = str(cfg.get("peft_type", "")).upper()
+    if ptype != "LORA":
+        name = PEFT_TYPE_NAMES.get(ptype, ptype or "unknown")
+        raise LoraxError(f"{where} is a {name} adapter; lorax merge supports LoRA adapters only "
+                         "(re-train with a LoRA config)")
+    for key, name in UNSUPPORTED_LORA_FEATURES.items():
+        if cfg.get(key):
+            raise LoraxError(f"{where} uses {name} ({key}), which lorax merge does not support; "
+                             "re-train without it")
+
+
+def trained_on_from_lorax(meta: dict[str, Any], base_storage: str) -> TrainedOn:
+    q = meta.get("quantization") or {}
+    method = q.get("method", "none")
+    if method == "none":
+        return TrainedOn("none", load_dtype=q.get("load_dtype") or q.get("compute_dtype") or base_storage)
+    if method != "bnb-4bit":
+        raise LoraxError(f"lorax.json quantization.method {method!r} is unknown; expected 'bnb-4bit' or 'none'")
+    compute = q.get("compute_dtype", "float32")
+    # A QLoRA run loads the base in its compute dtype unless lorax.json says otherwise.
+    return TrainedOn("bnb-4bit", q.get("quant_type", "nf4"), int(q.get("blocksize", 64)),
+                     bool(q.get("double_quant", False)), compute, q.get("quant_storage", "uint8"),
+                     q.get("load_dtype") or compute, q.get("torch_threads"))
+
+
+def trained_on_from_flag(flag: str, double_quant: bool, load_dtype: str) -> TrainedOn:
+    if flag == "none":
+        return TrainedOn("none", load_dtype=load_dtype)
+    return TrainedOn("bnb-4bit", flag, 64, double_quant, "float32", "uint8", load_dtype)
+
+
+def read_adapter(adapter_dir: str | Path, trained_on: str | None = None, double_quant: bool = False,
+                 base_dir: str | Path | None = None) -> AdapterInfo:
+    """Read an adapter dir (lorax's or plain PEFT) and resolve its base and training quantization."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise LoraxError(f"{adapter_dir} is not a directory; pass the adapter directory `lorax train` wrote")
+    cfg = _read_json(adapter_dir / "adapter_config.json", "not a PEFT adapter directory (expected adapter_config.json)")
+    check_peft_config(cfg, adapter_dir)
+    if not (adapter_dir / ADAPTER_WEIGHTS).exists():
+        raise LoraxError(f"{adapter_dir / ADAPTER_WEIGHTS} is missing; save the adapter with safetensors "
+                         "(PEFT's default) and try again")
+    meta = None
+    if (adapter_dir / "lorax.json").exists():
+        meta = _read_json(adapter_dir / "lorax.json", "")
+        if meta.get("kind") != "adapter":
+            raise LoraxError(f"{adapter_dir / 'lorax.json'} has kind {meta.get('kind')!r}, not 'adapter'; "
+                             "pass the adapter directory, not a merged model")
+    base = Path(base_dir) if base_dir else Path(
+        (meta or {}).get("base", {}).get("path") or cfg.get("base_model_name_or_path") or "")
+    if not base.is_dir() or not (base / "config.json").exists():
+        raise LoraxError(f"base model {str(base) or '(none recorded)'} is not a local model directory; "
+                         "pass --base DIR")
+    storage = base_storage_dtype(base)
+    if meta is not None:
+        recorded = trained_on_from_lorax(meta, storage)
+        if trained_on is not None and trained_on != (recorded.quant_type or "none"):
+            raise LoraxError(f"--trained-on {trained_on} contradicts {adapter_dir / 'lorax.json'} "
+                             f"({recorded.label()}); drop --trained-on for lorax adapters")
+        return AdapterInfo(adapter_dir, base, cfg, recorded, meta)
+    if trained_on is None:
+        raise LoraxError(f"{adapter_dir} has no lorax.json, so how its base was quantized in training is "
+                         "unknown; pass --trained-on nf4|fp4|none (and --double-quant if it was used)")
+    if trained_on not in TRAINED_ON:
+        raise LoraxError(f"--trained-on {trained_on!r} is not one of {', '.join(TRAINED_ON)}")
+    # transformers 5 loads a checkpoint in its stored dtype unless told otherwise.
+    info = AdapterInfo(adapter_dir, base, cfg, trained_on_from_flag(trained_on, double_quant, storage))
+    info.notes.append(f"plain PEFT adapter: trained on {info.trained_on.label()} (from --trained-on), "
+                      f"load dtype assumed {storage}")
+    return info
+
+
+def base_storage_dtype(base_dir: Path) -> str:
+    """The dtype the base's weights are stored in (config.json's dtype / torch_dtype, else float32)."""
+    cfg = _read_json(base_dir / "config.json", "not a Hugging Face model directory")
+    text = cfg.get("text_config") or {}
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    return dtype if dtype in FLOAT_DTYPES else "float32"
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    """What training-time loading did to the base, found on a weightless (meta) copy of the model."""
+
+    quantized: frozenset[str]  # checkpoint keys of the weights bnb turned into 4-bit (Linear4bit)
+    input_embeddings: str | None  # e.g. "model.embed_tokens.weight"
+    output_embeddings: str | None  # e.g. "lm_head.weight"
+    tied: bool
+
+
+def base_layout(base_dir: Path, trained_on: TrainedOn) -> BaseLayout:
+    """Ask transformers' own bnb quantizer which linears it quantizes, on a model without weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = {id(m): n for n, m in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    quantized: set[str] = set()
+    if trained_on.quantized:
+        import bitsandbytes as bnb
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        quantizer = AutoHfQuantizer.from_config(trained_on.bnb_config(), pre_quantized=False)
+        quantizer.preprocess_model(model=model, dtype=getattr(torch, trained_on.load_dtype),
+                                   device_map={"": "cpu"}, checkpoint_files=None, use_kernels=False)
+        quantized = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    return BaseLayout(frozenset(quantized),
+                      f"{names[id(inp)]}.weight" if inp is not None and id(inp) in names else None,
+                      f"{names[id(out)]}.weight" if out is not None and id(out) in names else None, tied)
+
+
+def load_reference(info: AdapterInfo, dtype: str | None = None):
+    """(model, tokenizer): the base loaded as in training, the adapter on top, eval mode, on CPU.
+
+    `dtype` overrides the load dtype (e.g. to measure how much of a gap is the reference's own rounding).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype or info.trained_on.load_dtype)}
+    if info.trained_on.quantized:
+        kwargs.update(quantization_config=info.trained_on.bnb_config(), device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(info.base_dir, **kwargs)
+    model = PeftModel.from_pretrained(base, info.adapter_dir)
+    model.eval()
+    return model, load_tokenizer(info)
+
+
+def load_tokenizer(info: AdapterInfo):
+    """The adapter's tokenizer when it saved one (training may add a chat template), else the base's."""
+    from transformers import AutoTokenizer
+
+    src = info.adapter_dir if (info.adapter_dir / "tokenizer_config.json").exists() else info.base_dir
+    return AutoTokenizer.from_pretrained(src)
+
+
+def reference_runner(info: AdapterInfo, dtype: str | None = None):
+    """The reference as a `formats.runner.Runner` (what the gate compares every artifact against)."""
+    from formats.hf import HFRunner
+
+    model, tokenizer = load_reference(info, dtype)
+    return HFRunner(info.adapter_dir, name="reference", model=model, tokenizer=tokenizer)
+
+
+# Used when an adapter dir carries no eval.jsonl: short, varied text the model family has seen.
+CALIBRATION_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog. Then it ran into the forest and",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    '{"name": "Ada", "city": "London", "age": 36, "languages": ["English", "French"]}',
+    "Question: What is the capital of France?\nAnswer: The capital of France is",
+    "In 1969, the first humans landed on the Moon. The mission was called",
+    "Write a short poem about the sea.\nThe waves roll in, the waves roll out,",
+    "Numbers: 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144,",
+    "Grüße aus München! Das Wetter ist heute schön, und wir gehen",
+)
+
+
+def calibration_ids(info: AdapterInfo, tokenizer, n: int = 8, max_tokens: int = 128) -> list[list[int]]:
+    """Token ids to compare models on: the adapter's held-out examples when present, else built-in prompts."""
+    texts: list[str] = []
+    eval_file = info.adapter_dir / ((info.lorax or {}).get("data", {}).get("eval_file") or "eval.jsonl")
+    if eval_file.exists():
+        for line in eval_file.read_text().splitlines():
+            if line.strip() and len(texts) < n:
+                texts.append(_example_text(json.loads(line), tokenizer))
+    texts = texts or list(CALIBRATION_PROMPTS[:n])
+    ids = [list(tokenizer(t)["input_ids"])[:max_tokens] for t in texts]
+    return [i for i in ids if len(i) >= 2]
+
+
+def _example_text(ex: dict[str, Any], tokenizer) -> str:
+    """One JSONL example (messages | prompt_completion | text) as the text the model was trained on."""
+    if "messages" in ex and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(ex["messages"], tokenize=False)
+    if "prompt" in ex:
+        return f"{ex['prompt']}{ex.get('completion', '')}"
+    return str(ex.get("text", ""))
+
+
+def score_candidates(info: AdapterInfo, dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Parity of each candidate dir against the reference on calibration ids, one model in memory at a time."""
+    import gc
+
+    from exporter.metrics import compare
+    from formats.hf import HFRunner
+
+    ref = reference_runner(info)
+    ids = calibration_ids(info, ref.tokenizer)
+    ref_logits = [ref.logits(i) for i in ids]
+    del ref
+    gc.collect()
+    scores = {}
+    for name, d in dirs.items():
+        runner = HFRunner(d, dtype="float32")
+        scores[name] = compare(ref_logits, [runner.logits(i) for i in ids], ids).as_dict()
+        del runner
+        gc.collect()
+    return scores

@@ -1,0 +1,112 @@
+"""Random LoRA adapters on tiny bases, saved the way `lorax train` saves them (PEFT dir + lorax.json).
+
+Tests cannot wait for a training run: an adapter with random, non-zero LoRA weights exercises the same
+merge math. `make_adapter` returns the in-memory PEFT model it saved, which *is* the reference (the base
+loaded as in training + the adapter), so tests compare against it without loading twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+EVAL_EXAMPLES = [
+    {"messages": [{"role": "user", "content": "Name a city."}, {"role": "assistant", "content": "Paris."}]},
+    {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "one two three"}]},
+    {"messages": [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "blue"}]},
+]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_base(base_dir: Path, trained_on: str = "nf4", double_quant: bool = False, load_dtype: str = "float32"):
+    """The base as training loads it: bnb 4-bit (float32 compute) or plain."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw = {"dtype": getattr(torch, load_dtype)}
+    if trained_on != "none":
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=trained_on, bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=torch.float32)
+        kw["device_map"] = {"": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(base_dir, **kw)
+
+
+def make_adapter(base_dir: Path, out_dir: Path, trained_on: str = "nf4", double_quant: bool = False,
+                 use_rslora: bool = False, r: int = 8, alpha: int = 16, target_modules="all-linear",
+                 seed: int = 0, lorax_json: bool = True, load_dtype: str = "float32", std: float = 0.1,
+                 peft_config=None, **lora_kw):
+    """Save a random LoRA adapter for `base_dir` at `out_dir`; return the PEFT model (the reference)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    base = load_base(base_dir, trained_on, double_quant, load_dtype)
+    config = peft_config or LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
+                                       use_rslora=use_rslora, init_lora_weights=False, **lora_kw)
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Trainable adapter weights (LoRA, LoRA biases, modules_to_save copies): random, non-zero.
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std
+                        + (p if "modules_to_save" in name else 0))
+    model.eval()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    (out_dir / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EVAL_EXAMPLES))
+    if lorax_json:
+        write_lorax_json(base_dir, out_dir, trained_on, double_quant, load_dtype, config)
+    return model
+
+
+def write_lorax_json(base_dir: Path, out_dir: Path, trained_on: str, double_quant: bool, load_dtype: str,
+                     config) -> dict:
+    """lorax.json as `lorax train` writes it (schema in the merge issue)."""
+    files = {p.name: _sha(p) for p in sorted(Path(base_dir).glob("*.safetensors"))}
+    quant = {"method": "none"} if trained_on == "none" else {
+        "method": "bnb-4bit", "quant_type": trained_on, "blocksize": 64, "double_quant": double_quant,
+        "compute_dtype": "float32", "quant_storage": "uint8", "load_dtype": load_dtype}
+    cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    meta = {
+        "kind": "adapter", "lorax_version": "0.1.0", "created": "2026-11-28T00:00:00+00:00",
+        "base": {"path": str(Path(base_dir).resolve()),
+                 "weights_sha256": hashlib.sha256("".join(files[k] for k in sorted(files)).encode()).hexdigest(),
+                 "files": files, "storage_dtype": cfg.get("dtype", "float32"), "architecture": cfg["model_type"]},
+        "quantization": quant,
+        "lora": {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                 "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, set)
+                 else config.target_modules, "use_rslora": config.use_rslora,
+                 "modules_to_save": config.modules_to_save},
+        "data": {"path": "/dev/null", "sha256": "", "format": "messages", "eval_fraction": 0.1,
+                 "eval_file": "eval.jsonl", "max_seq_len": 512, "truncated": 0},
+        "seed": 0, "training": {"max_steps": 0}, "versions": {}, "metrics": {},
+    }
+    (Path(out_dir) / "lorax.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def logits(model, ids_list) -> list:
+    """Teacher-forced float32 logits of a torch causal LM for each id sequence."""
+    import torch
+
+    with torch.inference_mode():
+        return [model(input_ids=torch.tensor([ids])).logits[0].float().numpy() for ids in ids_list]
+
+
+def sample_ids(tokenizer_dir: Path) -> list[list[int]]:
+    """A few fixed sequences (chat-formatted and plain) in the tiny models' 512-token vocabulary."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # Two sequences keep the 4-bit reference cheap (each bnb forward costs ~0.3 s even on tiny models).
+    chats = "".join(tok.apply_chat_template(e["messages"], tokenize=False) for e in EVAL_EXAMPLES)
+    plain = ('The model merge export token layer quantized float check drift report. Number 42. '
+             '{"name": "llama", "city": "Tokyo", "age": 7}')
+    return [list(tok(t)["input_ids"]) for t in (chats, plain)]
