@@ -32,8 +32,9 @@ install-gpu: install
 test: install
 	$(BIN)/python -m pytest -q
 
+SLOW_TESTS ?= tests
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow $(SLOW_TESTS)
 
 demo: install
 	$(BIN)/python scripts/demo.py

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from adapters import make_adapter
+
 from exporter.cli import main
 
 

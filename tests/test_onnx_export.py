@@ -1,0 +1,411 @@
+"""ONNX export (formats/onnx) on tiny random models: parity with HF, the KV cache, batching, layout.
+
+One float32 export per architecture, shared by every test in this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.metrics import compare, max_abs_logit
+from formats.errors import FormatError
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+# qwen2 gets a real Qwen2 rope theta, so the legacy `rope_theta` key is checked with a value that a
+# reader falling back to 10000 would get wrong.
+MODEL_KW = {"qwen2": {"rope_theta": 1e6}}
+
+PROMPTS = [
+    "The model merge export token layer quantized float check drift report.",
+    '{"name": "Paris", "city": "Tokyo", "age": 42}',
+    "<|im_start|>user\nWhat color is the train loss?<|im_end|>\n<|im_start|>assistant\n",
+    "def f10(x):\n    return x * 10 + 1\n",
+]
+
+F32_MAX_ABS_LOGIT = 1e-3
+F32_KLD_MEAN = 1e-5
+GEN_TOKENS = 32
+
+
+# mistral gets a 4-token sliding window (Mistral-7B-v0.1 has 4096): every prompt and generation
+# below runs past it, so the export's full cache + sliding mask is checked against HF's own.
+SLIDING_WINDOW = {"mistral": 4}
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tiny_model_factory, tmp_path_factory) -> dict[str, Path]:
+    import shutil
+
+    dirs = {a: tiny_model_factory(arch=a, **MODEL_KW.get(a, {})) for a in ARCHS}
+    for arch, window in SLIDING_WINDOW.items():
+        dest = tmp_path_factory.mktemp("sliding") / arch
+        shutil.copytree(dirs[arch], dest)
+        cfg = json.loads((dest / "config.json").read_text())
+        cfg["sliding_window"] = window
+        (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+        dirs[arch] = dest
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def onnx_dirs(hf_dirs, tmp_path_factory) -> dict[str, Path]:
+    from formats.onnx.export import export_onnx
+
+    root = tmp_path_factory.mktemp("onnx")
+    return {a: export_onnx(d, root / a / "onnx").dir for a, d in hf_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def runners(hf_dirs, onnx_dirs):
+    from formats.hf import HFRunner
+    from formats.onnx.runner import ONNXRunner
+
+    return {a: (HFRunner(hf_dirs[a]), ONNXRunner(onnx_dirs[a])) for a in ARCHS}
+
+
+def _ids(hf) -> list[list[int]]:
+    return [hf.tokenize(p) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float32_logits_match_hf(runners, arch):
+    hf, ox = runners[arch]
+    ids = _ids(hf)
+    parity = compare([hf.logits(i) for i in ids], [ox.logits(i) for i in ids], ids)
+    assert parity.positions > 60
+    assert parity.max_abs_logit <= F32_MAX_ABS_LOGIT, parity
+    assert parity.kld_mean <= F32_KLD_MEAN, parity
+    assert parity.top1 == 1.0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_with_cache_equals_hf_and_recompute(runners, arch):
+    hf, ox = runners[arch]
+    lengths = []
+    for ids in _ids(hf):
+        cached = ox.generate(ids, GEN_TOKENS)
+        assert cached == hf.generate(ids, GEN_TOKENS)
+        assert cached == ox.generate(ids, GEN_TOKENS, use_cache=False)
+        lengths.append(len(cached))
+    # Most prompts must run the full 32 steps, or an early end-of-text would hide cache bugs.
+    assert sorted(lengths)[len(lengths) // 2] == GEN_TOKENS, lengths
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_equals_batch_of_one(runners, arch):
+    hf, ox = runners[arch]
+    rows = _ids(hf)
+    assert len({len(r) for r in rows}) == len(rows)  # every row but the longest is padded
+    for row, batched in zip(rows, ox.logits_batch(rows), strict=True):
+        assert batched.shape == (len(row), ox.config["vocab_size"])
+        assert max_abs_logit(ox.logits(row), batched) <= 1e-4
+    assert ox.generate_batch(rows, 12) == [ox.generate(r, 12) for r in rows]
+
+
+def test_graph_has_optimum_io_layout(onnx_dirs):
+    import onnx
+
+    from formats.onnx import layout
+
+    model = onnx.load(str(onnx_dirs["qwen3"] / "model.onnx"), load_external_data=False)
+    cfg = json.loads((onnx_dirs["qwen3"] / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    ins = {i.name: i for i in model.graph.input}
+    outs = {o.name: o for o in model.graph.output}
+    assert list(ins) == ["input_ids", "attention_mask", "position_ids"] + layout.past_names(n)
+    assert list(outs) == ["logits"] + layout.present_names(n)
+
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    assert dims(ins["input_ids"]) == ["batch_size", "sequence_length"]
+    assert dims(ins["attention_mask"]) == ["batch_size", "total_sequence_length"]
+    assert dims(ins["past_key_values.1.value"]) == ["batch_size", cfg["num_key_value_heads"],
+                                                    "past_sequence_length", cfg["head_dim"]]
+    assert dims(outs["logits"]) == ["batch_size", "sequence_length", cfg["vocab_size"]]
+    assert ins["past_key_values.0.key"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # Only standard ONNX ops: other runtimes than onnxruntime can load it.
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+
+
+def test_dynamic_batch_sequence_and_past(runners, onnx_dirs):
+    hf, ox = runners["llama"]
+    g = ox.geom
+    rng = np.random.default_rng(0)
+    batch, past, new = 3, 5, 2
+    ids = rng.integers(3, ox.config["vocab_size"], (batch, past + new))
+    _, cache = ox._forward(ids[:, :past], np.ones((batch, past), np.int64), ox._empty_cache(batch))
+    logits, cache = ox._forward(ids[:, past:], np.ones((batch, past + new), np.int64), cache)
+    assert logits.shape == (batch, new, ox.config["vocab_size"])
+    assert [c.shape() for c in cache] == [[batch, g.kv_heads, past + new, g.head_dim]] * (2 * g.layers)
+    for b in range(batch):
+        assert max_abs_logit(hf.logits(ids[b].tolist())[past:], logits[b]) <= F32_MAX_ABS_LOGIT
+
+
+def test_side_files_read_in_transformers_4(onnx_dirs, hf_dirs):
+    d = onnx_dirs["qwen2"]
+    cfg = json.loads((d / "config.json").read_text())
+    # transformers 4.x reads rope_theta (it ignores rope_parameters and would use 10000).
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 1e6
+    assert cfg["use_cache"] is True and cfg["model_type"] == "qwen2"
+    tok = json.loads((d / "tokenizer_config.json").read_text())
+    assert tok["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (d / "chat_template.jinja").read_text() == (hf_dirs["qwen2"] / "chat_template.jinja").read_text()
+    gen = json.loads((d / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == cfg["eos_token_id"]
+    meta = json.loads((d / "lorax.json").read_text())
+    assert (meta["kind"], meta["dtype"], meta["quant"]) == ("onnx", "float32", None)
+    import onnx
+
+    graph = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    assert meta["opset"] == next(o.version for o in graph.opset_import if o.domain == "") >= 17
+
+
+def test_sliding_window_is_in_effect(runners, tiny_model_factory):
+    """The mistral model above really slides: without the window its logits differ."""
+    from formats.hf import HFRunner
+
+    hf, ox = runners["mistral"]
+    assert hf.model.config.sliding_window == SLIDING_WINDOW["mistral"]
+    ids = _ids(hf)[0]
+    assert len(ids) > 2 * SLIDING_WINDOW["mistral"]
+    full = HFRunner(tiny_model_factory(arch="mistral")).logits(ids)
+    assert max_abs_logit(full, ox.logits(ids)) > 0.1
+
+
+def test_runner_tokenizer_matches_hf(runners):
+    hf, ox = runners["mistral"]
+    for p in PROMPTS:
+        assert ox.tokenize(p) == hf.tokenize(p)
+    assert ox.stop == hf.stop
+
+
+# ---- the checks above can fail -------------------------------------------------------------
+
+
+def test_parity_check_fails_against_a_different_model(runners, tiny_model_factory):
+    """The ONNX of one model against another model's logits (same arch, other seed) fails the f32 limits."""
+    from formats.hf import HFRunner
+
+    _, ox = runners["llama"]
+    other = HFRunner(tiny_model_factory(arch="llama", seed=1))
+    ids = _ids(other)
+    parity = compare([other.logits(i) for i in ids], [ox.logits(i) for i in ids], ids)
+    assert parity.max_abs_logit > 100 * F32_MAX_ABS_LOGIT
+    assert parity.kld_mean > 1e4 * F32_KLD_MEAN
+
+
+def test_broken_cache_is_caught(runners, monkeypatch):
+    """A decode step that loses the cache (zeros instead of present) changes the greedy tokens."""
+    hf, ox = runners["llama"]
+    ids = _ids(hf)[0]
+    honest = ox.generate(ids, GEN_TOKENS)
+    real_forward = type(ox)._forward
+
+    def zeroed_cache(self, ids_, mask, cache):
+        import onnxruntime as ort
+
+        logits, present = real_forward(self, ids_, mask, cache)
+        return logits, [ort.OrtValue.ortvalue_from_numpy(np.zeros(p.shape(), np.float32)) for p in present]
+
+    monkeypatch.setattr(type(ox), "_forward", zeroed_cache)
+    broken = ox.generate(ids, GEN_TOKENS)
+    assert broken != honest
+    assert broken != ox.generate(ids, GEN_TOKENS, use_cache=False)  # the recompute still matches HF
+    assert ox.generate(ids, GEN_TOKENS, use_cache=False) == honest
+
+
+def test_ignored_padding_mask_is_caught(runners, monkeypatch):
+    """A batch whose mask lets rows attend to their padding makes padded rows differ from batch 1.
+
+    (Position ids counted from the left edge would not be caught, and need not be: RoPE scores
+    depend on position differences only, so a constant shift leaves the logits unchanged.)
+    """
+    hf, ox = runners["llama"]
+    rows = _ids(hf)
+    real_pad = type(ox)._left_pad
+
+    def unmasked(self, rows_):
+        ids, mask = real_pad(self, rows_)
+        return ids, np.ones_like(mask)
+
+    monkeypatch.setattr(type(ox), "_left_pad", unmasked)
+    diffs = [max_abs_logit(ox.logits(r), b) for r, b in zip(rows, ox.logits_batch(rows), strict=True)]
+    longest = int(np.argmax([len(r) for r in rows]))
+    assert diffs[longest] <= 1e-4  # the unpadded row is unaffected
+    assert all(d > 1e-2 for i, d in enumerate(diffs) if i != longest), diffs
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def test_unsupported_arch_is_one_clear_error(tmp_path):
+    from formats.onnx.export import export_onnx
+
+    src = tmp_path / "gpt2"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(FormatError) as err:
+        export_onnx(src, tmp_path / "out")
+    msg = str(err.value)
+    assert "\n" not in msg and "'gpt2'" in msg and "supported: llama, mistral, qwen2, qwen3" in msg
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"dtype": "bfloat16"}, "unknown ONNX dtype 'bfloat16'"),
+    ({"quant": "int2"}, "unknown ONNX quantization 'int2'"),
+    ({"dtype": "float16", "quant": "int8"}, "drop --onnx-dtype float16"),
+])
+def test_bad_options_are_refused_before_work(hf_dirs, tmp_path, kwargs, needle):
+    from formats.onnx.export import export_onnx
+
+    with pytest.raises(FormatError, match=needle):
+        export_onnx(hf_dirs["llama"], tmp_path / "out", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(hf_dirs, tmp_path):
+    from formats.onnx.export import export_onnx
+
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "mine.txt").write_text("user file")
+    with pytest.raises(FormatError, match="--force"):
+        export_onnx(hf_dirs["llama"], out)
+    assert (out / "mine.txt").read_text() == "user file"
+
+
+def test_failed_export_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
+    import formats.onnx.decoder as decoder
+    from formats.onnx.export import export_onnx
+
+    def boom(hf_dir, dest, **kw):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"half a graph")
+        raise RuntimeError("trace failed")
+
+    monkeypatch.setattr(decoder, "trace_decoder", boom)
+    with pytest.raises(RuntimeError, match="trace failed"):
+        export_onnx(hf_dirs["llama"], tmp_path / "onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runner_rejects_a_dir_without_a_decoder(tmp_path):
+    from formats.onnx.runner import ONNXRunner
+
+    with pytest.raises(FormatError, match="no model.onnx"):
+        ONNXRunner(tmp_path)
+
+
+def test_provider_choice():
+    from formats.onnx.runner import pick_providers
+
+    assert pick_providers(["AzureExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert pick_providers(["CPUExecutionProvider", "CUDAExecutionProvider"]) == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+# ---- float16, int8, int4 (llama) ------------------------------------------------------------
+
+F16_KLD_MEAN = 1e-3
+
+
+@pytest.fixture(scope="module")
+def quantized_dirs(hf_dirs, onnx_dirs, tmp_path_factory) -> dict[str, Path]:
+    """int8 and int4 through export_onnx, reusing the float32 llama trace (tracing is tested above)."""
+    import shutil
+
+    import formats.onnx.decoder as decoder
+    from formats.onnx.export import export_onnx
+
+    def reuse_trace(hf_dir, dest, external_data=None, **kw):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(onnx_dirs["llama"] / "model.onnx", dest)
+
+    root = tmp_path_factory.mktemp("quant")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decoder, "trace_decoder", reuse_trace)
+        # int4 also writes its weights to model.onnx.data, the path models past 2 GB take.
+        return {q: export_onnx(hf_dirs["llama"], root / q, quant=q, external_data=(q == "int4")).dir
+                for q in ("int8", "int4")}
+
+
+def _weight_bytes(path: Path) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
+
+
+def _op_types(path: Path) -> tuple[set[str], int]:
+    """Op types in the graph, and how many float MatMuls multiply by a weight (an initializer)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    float_weight_matmuls = sum(n.op_type == "MatMul" and n.input[1] in weights for n in graph.node)
+    return {n.op_type for n in graph.node}, float_weight_matmuls
+
+
+def test_float16_export(hf_dirs, runners, tmp_path):
+    from formats.onnx.export import export_onnx
+    from formats.onnx.runner import ONNXRunner
+
+    d = export_onnx(hf_dirs["llama"], tmp_path / "onnx", dtype="float16").dir
+    ox16 = ONNXRunner(d)
+    hf, ox32 = runners["llama"]
+    assert ox16.cache_dtype == np.float16
+    ids = _ids(hf)
+    parity = compare([hf.logits(i) for i in ids], [ox16.logits(i) for i in ids], ids)
+    assert 0 < parity.kld_mean <= F16_KLD_MEAN, parity  # > 0: the weights really are float16
+    assert parity.max_abs_logit > F32_MAX_ABS_LOGIT
+    assert _weight_bytes(d / "model.onnx") < 0.51 * _weight_bytes(ox32.dir / "model.onnx")
+    assert ox16.generate(ids[0], 16) == ox16.generate(ids[0], 16, use_cache=False)
+    assert json.loads((d / "lorax.json").read_text())["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_exports(quantized_dirs, runners, tiny_model_factory, quant, record_property, capsys):
+    """Recorded (size, tokens/s, KLD, top-1); asserted: smaller, quantized ops, cache still exact,
+    and far closer to the model than a different model is. Tiny random weights have no structure,
+    so KLD here is much worse than on a real model (see the SmolLM2 test)."""
+    from formats.hf import HFRunner
+    from formats.onnx.runner import ONNXRunner
+
+    hf, ox32 = runners["llama"]
+    d = quantized_dirs[quant]
+    ox = ONNXRunner(d)
+    ops, float_weight_matmuls = _op_types(d / "model.onnx")
+    assert {"int8": "MatMulInteger", "int4": "MatMulNBits"}[quant] in ops
+    assert float_weight_matmuls == 0  # every weight MatMul, the lm_head included, is quantized
+    assert _op_types(ox32.dir / "model.onnx")[1] == 15  # ... of 2 layers x 7 + lm_head
+    if quant == "int4":
+        assert (d / "model.onnx.data").stat().st_size > (d / "model.onnx").stat().st_size
+    size = sum(p.stat().st_size for p in d.glob("model.onnx*"))
+    size32 = (ox32.dir / "model.onnx").stat().st_size
+    assert size < 0.7 * size32
+
+    ids = _ids(hf)
+    ref = [hf.logits(i) for i in ids]
+    parity = compare(ref, [ox.logits(i) for i in ids], ids)
+    other = HFRunner(tiny_model_factory(arch="llama", seed=1))
+    unrelated = compare(ref, [other.logits(i) for i in ids], ids)
+    assert parity.kld_mean < unrelated.kld_mean / 10, (parity, unrelated)
+    assert parity.top1 > 0.25 and np.isfinite(parity.ppl_ratio)
+    if quant == "int4":
+        # int8 is exempt: dynamic quantization scales activations per call (per tensor), so a
+        # one-token decode step and a full recompute quantize the same row differently.
+        assert ox.generate(ids[0], 16) == ox.generate(ids[0], 16, use_cache=False)
+    speed = ox.measure_decode(ids[0], 32)
+    assert speed.new_tokens == 32 and speed.tokens_per_s > 0
+    for k, v in {"bytes": size, "bytes_f32": size32, "tokens_per_s": speed.tokens_per_s,
+                 "kld_mean": parity.kld_mean, "top1": parity.top1}.items():
+        record_property(f"{quant}_{k}", v)
+    with capsys.disabled():
+        print(f"\n[onnx {quant}] {size} B ({size / size32:.2f} of f32), {speed.tokens_per_s:.0f} tok/s, "
+              f"KLD {parity.kld_mean:.3g}, top-1 {parity.top1:.2f} (unrelated model: KLD {unrelated.kld_mean:.3g})")
