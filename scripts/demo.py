@@ -127,6 +127,15 @@ def main() -> int:
 
     base = hf_dir(fetch=True)
     print(f"base: {base}")
+    from formats.hf import HFRunner
+
+    chat = HFRunner(base)
+    question = "What is the capital of France?"
+    ids = chat.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    answer = chat.tokenizer.decode(chat.generate(ids, 24), skip_special_tokens=True).strip()
+    print(f"base model, asked {question!r}: {answer!r}")
+    del chat
 
     stage("2/5 task data: sentence -> JSON with fixed keys")
     from make_demo_data import make
