@@ -24,7 +24,7 @@ from formats.errors import FormatError
 from formats.fsutil import atomic_dir, sha256_file
 from formats.hf_compat import patch_dir
 from formats.onnx import layout
-from formats.onnx.quantize import QUANTIZERS, quantize
+from formats.onnx.quantize import DESCRIPTIONS, QUANTIZERS, quantize
 
 MODEL_FILE = "model.onnx"
 DTYPES = ("float32", "float16")
@@ -65,8 +65,8 @@ def export_onnx(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
     if quant is not None and quant not in QUANTIZERS:
         raise FormatError(f"unknown ONNX quantization {quant!r}; choose one of: {', '.join(QUANTIZERS)}")
     if quant is not None and dtype != "float32":
-        # Both quantizers take a float32 graph (activations stay float32); a float16 base would
-        # only add casts around every quantized MatMul.
+        # Both quantizers take a float32 graph (activations stay float32 at the graph level); a
+        # float16 base would only add casts around every quantized MatMul.
         raise FormatError(f"--onnx-quant {quant} quantizes the float32 graph; drop --onnx-dtype {dtype}")
 
     from tqdm import tqdm
@@ -112,7 +112,8 @@ def write_side_files(hf_dir: Path, onnx_dir: Path, dtype: str, quant: str | None
     import torch
 
     meta = {
-        "kind": "onnx", "dtype": dtype, "quant": quant, "source": str(hf_dir.resolve()),
+        "kind": "onnx", "dtype": dtype, "quant": quant, "quantization": DESCRIPTIONS.get(quant or ""),
+        "source": str(hf_dir.resolve()),
         "opset": opset or _graph_opset(onnx_dir / MODEL_FILE),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
     }
