@@ -21,10 +21,10 @@ def reference_runner(source: str | Path, base: str | Path | None = None, trained
 
     source = Path(source)
     if (source / "adapter_config.json").is_file():
-        from exporter.reference import load_reference, read_adapter
+        from exporter.reference import read_adapter
+        from exporter.reference import reference_runner as adapter_reference
 
-        model, tokenizer = load_reference(read_adapter(source, trained_on=trained_on, base_dir=base))
-        return HFRunner(source, model=model, tokenizer=tokenizer, name=f"reference:{source.name}")
+        return adapter_reference(read_adapter(source, trained_on=trained_on, base_dir=base))
     if (source / "config.json").is_file():
         return HFRunner(source, name=f"reference:{source.name}")
     raise LoraxError(f"{source}: neither an adapter dir (adapter_config.json) nor an HF model dir (config.json)")
