@@ -228,6 +228,10 @@ def load_reference(info: AdapterInfo, dtype: str | None = None):
     if info.trained_on.quantized:
         kwargs.update(quantization_config=info.trained_on.bnb_config(), device_map={"": "cpu"})
     base = AutoModelForCausalLM.from_pretrained(info.base_dir, **kwargs)
+    if info.trained_on.quantized:
+        from train.model import pin_4bit_layout
+
+        pin_4bit_layout(base)  # compute as training did (no bf16-absmax repacking on AVX512-BF16 CPUs)
     model = PeftModel.from_pretrained(base, info.adapter_dir)
     model.eval()
     return model, load_tokenizer(info)

@@ -33,7 +33,12 @@ def load_base(base_dir: Path, trained_on: str = "nf4", double_quant: bool = Fals
             load_in_4bit=True, bnb_4bit_quant_type=trained_on, bnb_4bit_use_double_quant=double_quant,
             bnb_4bit_compute_dtype=torch.float32)
         kw["device_map"] = {"": "cpu"}
-    return AutoModelForCausalLM.from_pretrained(base_dir, **kw)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kw)
+    if trained_on != "none":
+        from train.model import pin_4bit_layout
+
+        pin_4bit_layout(model)  # as training and the gate compute (see train.model.pin_4bit_layout)
+    return model
 
 
 def make_adapter(base_dir: Path, out_dir: Path, trained_on: str = "nf4", double_quant: bool = False,

@@ -64,6 +64,9 @@ def reload_reference(adapter: Path):
                              bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]))
     base = AutoModelForCausalLM.from_pretrained(rec["base"]["path"], quantization_config=bnb,
                                                 dtype=getattr(torch, rec["base"]["storage_dtype"]))
+    from train.model import pin_4bit_layout
+
+    pin_4bit_layout(base)
     return PeftModel.from_pretrained(base, adapter).eval()
 
 

@@ -93,7 +93,28 @@ def load_base(cfg: TrainConfig, base: Path):
     except (OSError, ValueError) as e:
         raise TrainError(f"could not load base {base}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    pin_4bit_layout(model)
     return model
+
+
+def pin_4bit_layout(model) -> int:
+    """Keep every bitsandbytes Linear4bit on the layout training computes with; returns how many.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit for a faster kernel the first time it
+    runs in eval mode without grad, and keeps it repacked: absmax rounded to bf16, and a kernel with no
+    autograd formula. Trainer's eval_on_start is such a run, so training then backpropagated through that
+    kernel -- PyTorch warned, and the gradient through every frozen base matmul was silently dropped
+    (measured here, AMD EPYC with avx512_bf16). The reference must not see the bf16 absmax either: training
+    never computed with it. The plain dequantize+matmul path is exact and differentiable.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def first_4bit_weight(model):
