@@ -32,7 +32,7 @@ def reference_runner(source: str | Path, base: str | Path | None = None, trained
 
 def check(source: str | Path, artifacts: list[str | Path] | list[Target], *, base=None, trained_on=None,
           prompts=None, report_dir: str | Path | None = None, gen_tokens: int = 16, max_samples: int | None = None,
-          overrides: dict | None = None, raise_on_fail: bool = True) -> Report:
+          overrides: dict | None = None, raise_on_fail: bool = True, floor: str = "auto") -> Report:
     if not artifacts:
         raise LoraxError("no artifacts to check; pass one or more .gguf files, ONNX dirs or HF dirs")
     ref = reference_runner(source, base, trained_on)
@@ -42,10 +42,19 @@ def check(source: str | Path, artifacts: list[str | Path] | list[Target], *, bas
     except ValueError as e:
         raise LoraxError(f"{where}: {e}") from None
     targets = [a if isinstance(a, Target) else open_target(a) for a in artifacts]
+    # the quantization floor needs a base to quantize: only an adapter reference has one
+    probe = None
+    if floor != "off" and (Path(source) / "adapter_config.json").is_file():
+        from exporter.floor import Floor
+
+        probe = Floor(Path(source), samples, base=base, trained_on=trained_on, mode=floor)
     try:
-        report = run_gate(ref, ref.name, targets, samples, ref.tokenizer, where, gen_tokens, overrides)
+        report = run_gate(ref, ref.name, targets, samples, ref.tokenizer, where, gen_tokens, overrides, probe)
     except KeyError as e:  # no thresholds for a format/dtype
         raise LoraxError(str(e.args[0])) from None
+    finally:
+        if probe is not None:
+            probe.close()
     if report_dir is not None:
         write_report(report, report_dir)
     if raise_on_fail and not report.passed:

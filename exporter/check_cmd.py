@@ -22,8 +22,11 @@ import click
               help="Override a limit for every target (e.g. kld_mean=0.2, or =none to ungate).")
 @click.option("--thresholds", "thresholds_yaml", type=click.Path(exists=True, dir_okay=False),
               help="YAML mapping metric: limit, applied to every target (flags win).")
+@click.option("--floor", type=click.Choice(["auto", "always", "off"]), default="auto", show_default=True,
+              help="Quantization floor for lossy GGUF types: when a table limit fails, measure the same type "
+                   "on the base as trained and allow up to that loss (auto); always measure; or never.")
 def command(adapter, artifacts, base, trained_on, prompts, report_dir, gen_tokens, max_samples, thresholds,
-            thresholds_yaml) -> None:
+            thresholds_yaml, floor) -> None:
     """Compare each ARTIFACT (GGUF file, ONNX dir, merged HF dir) with the model as trained."""
     from exporter.check import check
     from exporter.errors import LoraxError
@@ -36,7 +39,7 @@ def command(adapter, artifacts, base, trained_on, prompts, report_dir, gen_token
         raise LoraxError(str(e)) from None
     report = check(adapter, list(artifacts), base=base, trained_on=trained_on, prompts=prompts,
                    report_dir=report_dir, gen_tokens=gen_tokens, max_samples=max_samples, overrides=overrides,
-                   raise_on_fail=False)
+                   raise_on_fail=False, floor=floor)
     click.echo(to_markdown(report))
     if not report.passed:
         from exporter.errors import GateFailed

@@ -27,9 +27,11 @@ import click
 @click.option("--max-samples", type=int, default=None, help="Gate on at most this many prompts.")
 @click.option("--gen-tokens", default=16, show_default=True)
 @click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE")
+@click.option("--floor", type=click.Choice(["auto", "always", "off"]), default="auto", show_default=True,
+              help="Quantization floor of lossy GGUF types (see `lorax check --help`).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def command(source, out_dir, gguf, quants, gguf_adapter, onnx, onnx_dtype, onnx_quant, merge_base, trained_on,
-            base, dtype, no_check, prompts, max_samples, gen_tokens, thresholds, force) -> None:
+            base, dtype, no_check, prompts, max_samples, gen_tokens, thresholds, floor, force) -> None:
     """Merge SOURCE (adapter dir or HF model dir), write GGUF/ONNX into DIR, and gate every artifact."""
     from exporter.errors import GateFailed, LoraxError
     from exporter.pipeline import ExportOptions, export
@@ -43,7 +45,7 @@ def command(source, out_dir, gguf, quants, gguf_adapter, onnx, onnx_dtype, onnx_
     opts = ExportOptions(gguf=gguf, quants=quants, gguf_adapter=gguf_adapter, onnx=onnx, onnx_dtype=onnx_dtype,
                          onnx_quant=onnx_quant, merge_base=merge_base, trained_on=trained_on, base=base,
                          dtype=dtype, check=not no_check, prompts=prompts, max_samples=max_samples,
-                         gen_tokens=gen_tokens, overrides=overrides, force=force)
+                         gen_tokens=gen_tokens, overrides=overrides, floor=floor, force=force)
     report = export(source, out_dir, opts)
     click.echo(f"wrote {out_dir}")
     if report is not None:

@@ -31,6 +31,8 @@ class TargetResult:
     failures: list[str]
     passed: bool
     kld_positions: list[float] = field(default_factory=list, repr=False)
+    # the same type made from the base as trained, against that base (exporter.floor); None = not measured
+    floor: dict[str, float] | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -97,11 +99,12 @@ def tokenizer_mismatch(target: Target, samples: list[Sample]) -> str | None:
 
 
 def evaluate_target(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer, gen_tokens: int,
-                    ref_accuracy: float | None, overrides: dict | None = None) -> TargetResult:
+                    ref_accuracy: float | None, overrides: dict | None = None, floor=None) -> TargetResult:
     limits = limits_for(target.format, target.dtype, overrides)
     failures: list[str] = []
     if (msg := tokenizer_mismatch(target, samples)) is not None:
         failures.append(msg)
+    fixed = list(failures)  # no floor excuses these
     logits, gens = [], []
     for s in tqdm(samples, desc=target.name, leave=False):
         logits.append(target.runner.logits(s.ids))
@@ -120,18 +123,25 @@ def evaluate_target(target: Target, samples: list[Sample], ref: RefOutputs, toke
         m["task_accuracy"] = acc
         m["task_accuracy_drop"] = (ref_accuracy or 0.0) - acc
     failures += violations(m, limits)
+    floor_metrics = None
+    if floor is not None and floor.wanted(target, failed=bool(failures)):
+        from exporter.floor import relax
+
+        floor_metrics = floor.measure(target)
+        limits = relax(limits, floor_metrics, fixed=set(overrides or {}))
+        failures = fixed + violations(m, limits)
     klds = np.concatenate([metrics.kld_per_position(r, t) for r, t in zip(ref.logits, logits, strict=True)])
     return TargetResult(target.name, target.format, target.dtype, str(target.path), m, limits, failures,
-                        not failures, kld_positions=klds.tolist())
+                        not failures, kld_positions=klds.tolist(), floor=floor_metrics)
 
 
 def run_gate(ref, reference_name: str, targets: list[Target], samples: list[Sample], tokenizer,
-             prompts_source: str, gen_tokens: int = 16, overrides: dict | None = None) -> Report:
+             prompts_source: str, gen_tokens: int = 16, overrides: dict | None = None, floor=None) -> Report:
     from exporter.versions import package_versions
 
     ref_out = run_reference(ref, samples, tokenizer, gen_tokens)
     ref_acc = task_accuracy(ref_out.generations, samples, tokenizer)
-    results = [evaluate_target(t, samples, ref_out, tokenizer, gen_tokens, ref_acc, overrides)
+    results = [evaluate_target(t, samples, ref_out, tokenizer, gen_tokens, ref_acc, overrides, floor)
                for t in tqdm(targets, desc="gate", unit="target")]
     return Report(
         passed=all(r.passed for r in results),

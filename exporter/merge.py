@@ -339,8 +339,12 @@ def verify_base(info: AdapterInfo, stop: threading.Event | None = None) -> None:
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, merge_base: str | None = None,
                   dtype: str | None = None, trained_on: str | None = None, double_quant: bool = False,
                   base_dir: str | Path | None = None, force: bool = False, verify: bool = True,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> Path:
-    """Merge an adapter into full weights at out_dir (complete or absent: built aside, renamed at the end)."""
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+                  adapter_weights: bool = True) -> Path:
+    """Merge an adapter into full weights at out_dir (complete or absent: built aside, renamed at the end).
+
+    `adapter_weights=False` writes the base exactly as training computed with it and nothing of the adapter
+    (the gate's quantization floor, exporter.floor, quantizes it)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from safetensors.torch import load_file
@@ -356,7 +360,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, merge_base: str 
     out_dtype = dtype or base_storage_dtype(info.base_dir)
     if out_dtype not in FLOAT_DTYPES:
         raise LoraxError(f"--dtype {out_dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
-    adapter = load_file(info.adapter_dir / "adapter_model.safetensors")
+    adapter = load_file(info.adapter_dir / "adapter_model.safetensors") if adapter_weights else {}
     base = base_tensors(info.base_dir)
     layout = base_layout(info.base_dir, info.trained_on)
     # Every refusal the plan can raise happens here, before anything is written.

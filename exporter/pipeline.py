@@ -42,6 +42,7 @@ class ExportOptions:
     max_samples: int | None = None
     gen_tokens: int = 16
     overrides: dict = field(default_factory=dict)
+    floor: str = "auto"
     force: bool = False
 
 
@@ -98,7 +99,7 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
 
     report = check(source, artifacts, base=opts.base, trained_on=opts.trained_on, prompts=opts.prompts,
                    report_dir=out_dir, gen_tokens=opts.gen_tokens, max_samples=opts.max_samples,
-                   overrides=opts.overrides, raise_on_fail=False)
+                   overrides=opts.overrides, raise_on_fail=False, floor=opts.floor)
     meta = json.loads((out_dir / "lorax.json").read_text())
     meta["gate"] = {"passed": report.passed, "report": "report.md",
                     "targets": {t.name: t.passed for t in report.targets}}

@@ -50,6 +50,12 @@ def to_markdown(report: Report) -> str:
             cells.append(cell)
         verdict = "pass" if t.passed else "**FAIL**: " + "; ".join(t.failures)
         lines.append(f"| {t.name} | {t.format} | {t.dtype} | " + " | ".join(cells) + f" | {verdict} |")
+    floored = [t for t in report.targets if t.floor]
+    if floored:
+        lines += ["", "Quantization floor: the same type made from the base as trained, against that base, on the "
+                  "same ids (limits above are the worse of the table's and this floor's with margin):", ""]
+        lines += [f"- {t.name}: floor mean KLD {t.floor['kld_mean']:.3g}, p99 {t.floor['kld_p99']:.3g}, "
+                  f"top-1 {t.floor['top1']:.1%}, PPL ratio {t.floor['ppl_ratio']:.4f}" for t in floored]
     lines += ["", "Thresholds in parentheses; KLD = Σ p_ref·(log p_ref − log p_target) per position.",
               "![per-position KLD](kld.svg)", ""]
     return "\n".join(lines)

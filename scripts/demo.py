@@ -111,7 +111,7 @@ def table(summary: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description="Run the whole lorax job on SmolLM2-135M-Instruct.")
     ap.add_argument("--out", default=str(ROOT / "out" / "demo"))
-    ap.add_argument("--steps", type=int, default=40)  # 40 x batch 8: ~4.7 min on 2 cores, loss 0.003
+    ap.add_argument("--steps", type=int, default=30)  # 30 x batch 8: ~3.7 min on 2 cores, loss 0.003
     ap.add_argument("--eval-limit", type=int, default=50, help="held-out examples scored per artifact")
     ap.add_argument("--gate-samples", type=int, default=16, help="held-out sequences the parity gate uses")
     ap.add_argument("--quick", action="store_true", help="a shorter run (the slow test uses it)")
