@@ -23,7 +23,7 @@ import click
 @click.option("--thresholds", "thresholds_yaml", type=click.Path(exists=True, dir_okay=False),
               help="YAML mapping metric: limit, applied to every target (flags win).")
 @click.option("--floor", type=click.Choice(["auto", "always", "off"]), default="auto", show_default=True,
-              help="Quantization floor for lossy GGUF types: when a table limit fails, measure the same type "
+              help="Quantization floor for lossy GGUF/ONNX types: when a table limit fails, measure the same type "
                    "on the base as trained and allow up to that loss (auto); always measure; or never.")
 def command(adapter, artifacts, base, trained_on, prompts, report_dir, gen_tokens, max_samples, thresholds,
             thresholds_yaml, floor) -> None:

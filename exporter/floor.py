@@ -4,6 +4,8 @@
     lorax check adapter/ dist/model-q4_k_m.gguf --floor off    # the table alone
     lorax check adapter/ dist/model-q4_k_m.gguf --floor always # measured and reported for every lossy target
 
+Lossy types: GGUF q8_0 ... q2_k, ONNX int8/int4 (BUILDERS below).
+
 Why it exists: a QLoRA model computes with NF4 (or FP4) weights, and the faithful merge keeps them on that
 grid plus a low-rank delta. q4_k's grid cannot represent an NF4 grid, so re-quantizing loses more than
 quantizing the original weights does. Measured on SmolLM2-135M, q4_k_m, the same 50 held-out JSON-task
@@ -50,10 +52,19 @@ def _gguf_artifact(base_dir: Path, dtype: str, work: Path) -> Target:
     return Target(path.name, "gguf", dtype, path, GGUFRunner(path, name=f"floor:{path.name}"))
 
 
+def _onnx_artifact(base_dir: Path, dtype: str, work: Path) -> Target:
+    from formats.onnx.export import export_onnx
+    from formats.onnx.runner import ONNXRunner
+
+    out = export_onnx(base_dir, work / f"onnx-{dtype}", quant=dtype, force=True)
+    return Target(f"floor:onnx-{dtype}", "onnx", dtype, out.dir, ONNXRunner(out.dir))
+
+
 # format -> (lossy types the floor applies to, builder of the same type from an HF dir)
 BUILDERS: dict[str, tuple[frozenset[str], Callable[[Path, str, Path], Target]]] = {
     "gguf": (frozenset({"q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1",
                         "q3_k_m", "q3_k_s", "q3_k_l", "q2_k"}), _gguf_artifact),
+    "onnx": (frozenset({"int8", "int4"}), _onnx_artifact),
 }
 
 

@@ -47,7 +47,9 @@ THRESHOLDS: dict[tuple[str, str], dict[str, float]] = {
     ("onnx", "float32"): {**_F32, "max_abs_logit": 1e-3, "kld_mean": 1e-4},
     ("onnx", "float16"): _F16,
     ("onnx", "int8"): {"kld_mean": 0.1, "kld_p99": 1.0, "top1": 0.85, "ppl_ratio": 1.2},
-    ("onnx", "int4"): {"kld_mean": 0.2, "kld_p99": 2.0, "top1": 0.80, "ppl_ratio": 1.35},
+    # int4 is one scale + zero point per 32 weights, no super-blocks, no mixed precision: q4_0/q4_1's class,
+    # so it gets q4_0's row (measured on SmolLM2 with HQQ: KLD 0.061-0.075, top-1 0.78-0.81)
+    ("onnx", "int4"): {"kld_mean": 0.25, "kld_p99": 2.5, "top1": 0.75, "ppl_ratio": 1.45},
 }
 
 # Drift of one artifact between two builds (lorax baseline compare): the same file type run again

@@ -13,6 +13,10 @@ graph's I/O stay float32. Measured on SmolLM2-135M (mean KLD vs transformers flo
   - int4 round-to-nearest (symmetric or not, block 32..128, lm_head kept or not): KLD 0.56-0.64,
     top-1 62%; HQQ (onnxruntime's calibration-free optimizer of scales and zero points): 0.075, 78%.
 Accuracy level 4 lets onnxruntime's CPU kernel multiply in int8: level 0 (float) ran 12-20x slower.
+HQQ's zero points are floats, which keeps its MatMulNBits off that int8 kernel: decode 5.9 tok/s vs 38 for
+float32 (2026-12, 2 cores). Integer zero points are fast (RTN or onnxruntime's k_quant, lm_head at 8 bits:
+75-81 tok/s) but lose far more (KLD 0.47 vs HQQ's 0.061 on SmolLM2); int4 keeps HQQ, accuracy first.
+On a QLoRA merge (weights on the NF4 grid) every 4-bit method measured 0.37-0.45: see exporter/floor.py.
 """
 
 from __future__ import annotations
