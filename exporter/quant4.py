@@ -61,10 +61,8 @@ class Quant4Spec:
 
 @dataclass(frozen=True)
 class _Tables:
-    code: torch.Tensor  # the 16 code values, in packed-index order (what the CPU dequant kernel returns)
     code_generic: torch.Tensor  # the same values as get_4bit_type has them (FP4: +0.0 where the kernel has -0.0)
     order: torch.Tensor  # sorted position -> packed index
-    sorted_code: torch.Tensor
     sorted_code_generic: torch.Tensor
     bounds: torch.Tensor  # midpoints between consecutive sorted code values (bnb's bucketize boundaries)
     cell_base: torch.Tensor  # int32 per cell: midpoints surely below every s in the cell
@@ -80,12 +78,6 @@ def tables(quant_type: str) -> _Tables:
     order = torch.argsort(qcode)
     sorted_qcode = qcode[order]
     bounds = (sorted_qcode[:-1] + sorted_qcode[1:]) / 2
-    # The values come from the CPU dequantize kernel itself: its FP4 table has -0.0 where get_4bit_type
-    # has +0.0, and the trained model saw the kernel's.
-    every_code = torch.arange(16, dtype=torch.uint8)
-    code = torch.ops.bitsandbytes.dequantize_4bit.default(
-        (every_code << 4) | every_code, torch.ones(1), 32, quant_type, (1, 32), torch.float32)[0, ::2].contiguous()
-    sorted_code = code[order]
     sorted_code_generic = qcode.float()[order]
     n = 2 * _CELLS + 2
     i = torch.arange(n, dtype=torch.float64)
@@ -98,7 +90,7 @@ def tables(quant_type: str) -> _Tables:
         raise AssertionError("4-bit cell table too coarse: two code midpoints share a cell")
     thr = torch.full((n,), float("inf"), dtype=torch.float32)
     thr[inside == 1] = bounds[below[inside == 1]]
-    return _Tables(code, qcode.float(), order, sorted_code, sorted_code_generic, bounds, below.to(torch.int32), thr)
+    return _Tables(qcode.float(), order, sorted_code_generic, bounds, below.to(torch.int32), thr)
 
 
 def _uses_generic_kernel(shape: torch.Size, blocksize: int) -> bool:
@@ -109,10 +101,34 @@ def _uses_generic_kernel(shape: torch.Size, blocksize: int) -> bool:
 
 def _values(spec: Quant4Spec, shape: torch.Size, sorted_order: bool) -> torch.Tensor:
     t = tables(spec.quant_type)
-    generic = _uses_generic_kernel(shape, spec.blocksize)
-    if sorted_order:
-        return t.sorted_code_generic if generic else t.sorted_code
-    return t.code_generic if generic else t.code
+    if _uses_generic_kernel(shape, spec.blocksize):
+        return t.sorted_code_generic if sorted_order else t.code_generic
+    code = _kernel_code(spec.quant_type, shape[-1] if len(shape) else 1, spec.blocksize)
+    return code[t.order] if sorted_order else code
+
+
+@functools.cache
+def _kernel_code(quant_type: str, row: int, blocksize: int) -> torch.Tensor:
+    """The 16 code values as bnb's CPU dequantize kernel returns them for rows of `row` elements.
+
+    They come from the kernel itself: its FP4 table has -0.0 where get_4bit_type has +0.0, and the trained
+    model saw the kernel's. Which zero depends on the kernel's path: on AVX-512, rows whose length is a
+    multiple of 16 take a vector path that gives +0.0, others -0.0 (bnb 0.50, measured); so probe one row
+    of the real length, and refuse a row whose values are not the same at every position."""
+    every_code = torch.arange(16, dtype=torch.uint8)
+    n = row + row % 2
+    codes = every_code.repeat(-(-n // 16))[:n]
+    packed = (codes[0::2] << 4) | codes[1::2]
+    out = torch.ops.bitsandbytes.dequantize_4bit.default(packed, torch.ones(-(-n // blocksize)), blocksize,
+                                                         quant_type, (1, n), torch.float32).view(-1)
+    table = torch.empty(16, dtype=torch.float32)
+    for c in range(16):
+        vals = out[codes == c]
+        if not torch.equal(vals.view(torch.int32), vals[:1].expand_as(vals).contiguous().view(torch.int32)):
+            raise AssertionError(f"bnb's {quant_type} dequantize kernel gives code {c} more than one value "
+                                 f"within a row of {row}; lorax's exact 4-bit round trip cannot follow it")
+        table[c] = vals[0]
+    return table
 
 
 def _check_dtype(w: torch.Tensor) -> None:
