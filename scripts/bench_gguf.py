@@ -51,6 +51,9 @@ def find_peer(explicit: str | None) -> Path | None:
     """A directory holding convert_hf_to_gguf.py + conversion/ + gguf-py/, extracted from an sdist if needed."""
     candidates = [Path(p) for p in (explicit, os.environ.get("LORAX_LLAMA_CPP_CONVERTER")) if p]
     candidates += sorted((Path.home() / ".cache" / "pip").rglob("llama_cpp_python-*.tar.gz"))
+    candidates += sorted((CACHE / "sdist").glob("llama_cpp_python-*.tar.gz"))
+    if not explicit and not candidates:
+        candidates = _download_sdist()
     for cand in candidates:
         if cand.is_file() and cand.name == CONVERTER:
             return cand.parent
@@ -61,6 +64,20 @@ def find_peer(explicit: str | None) -> Path | None:
         if cand.is_file() and tarfile.is_tarfile(cand):
             return _extract_peer(cand)
     return None
+
+
+def _download_sdist() -> list[Path]:
+    """The sdist of the installed llama-cpp-python from PyPI (the registry is allowed; no model hub): its
+    vendored llama.cpp carries convert_hf_to_gguf.py, the converter at the exact version lorax links."""
+    from importlib.metadata import version
+
+    dest = CACHE / "sdist"
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           f"llama-cpp-python=={version('llama-cpp-python')}", "-d", str(dest)]
+    if subprocess.run(cmd).returncode != 0:
+        return []
+    return sorted(dest.glob("llama_cpp_python-*.tar.gz"))
 
 
 def _extract_peer(sdist: Path) -> Path | None:
