@@ -38,6 +38,16 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def nf4_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LoRA adapter on the tiny model, trained-on NF4 with double quant (read-only for tests)."""
+    from adapters import make_adapter
+
+    out = tmp_path_factory.mktemp("nf4-adapter") / "adapter"
+    make_adapter(tiny_model_dir, out, trained_on="nf4", double_quant=True, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     from exporter.default_model import gguf_path
 

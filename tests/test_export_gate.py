@@ -18,10 +18,8 @@ from exporter.cli import main
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "adapter"
-    make_adapter(tiny_model_dir, out, trained_on="nf4", double_quant=True, seed=0)
-    return out
+def adapter(nf4_adapter) -> Path:
+    return nf4_adapter
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from adapters import make_adapter
 
 from exporter import thresholds
 from exporter.cli import main
@@ -28,10 +27,8 @@ def test_relax_takes_the_worse_of_table_and_floor():
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("floor") / "adapter"
-    make_adapter(tiny_model_dir, out, trained_on="nf4", double_quant=True, seed=0)
-    return out
+def adapter(nf4_adapter) -> Path:
+    return nf4_adapter
 
 
 @pytest.fixture(scope="module")
