@@ -42,10 +42,15 @@ def save_cmd(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples
     from exporter.targets import open_target
     from formats.fsutil import atomic_file
 
-    target = open_target(artifact)
     rows, _ = load_rows(prompts)
     samples = build(rows, _tokenizer_for(artifact, tokenizer_dir), max_samples=max_samples)
-    data = baseline.save(target.runner, samples, str(artifact), gen_tokens)
+    runner = open_target(artifact).open()
+    try:
+        data = baseline.save(runner, samples, str(artifact), gen_tokens)
+    finally:
+        runner.close()
+    # how the samples were chosen, so compare --prompts rebuilds exactly these
+    data["selection"] = {"prompts": str(prompts), "max_samples": max_samples, "tokenizer": tokenizer_dir}
     with atomic_file(out_path, force=force) as tmp:
         tmp.write_text(json.dumps(data) + "\n")
     click.echo(f"baseline of {artifact}: {len(samples)} sequences, {sum(len(s.ids) for s in samples)} tokens "
@@ -67,13 +72,18 @@ def compare_cmd(artifact, baseline_path, prompts, tokenizer_dir, thresholds) -> 
     from exporter.thresholds import DRIFT_THRESHOLDS, parse_overrides, violations
 
     data = baseline.load(baseline_path)
-    target = open_target(artifact)
     samples = None
     if prompts:
         rows, _ = load_rows(prompts)
-        samples = build(rows, _tokenizer_for(artifact, tokenizer_dir))
-    baseline.check_inputs(data, target.runner, samples)
-    drift = baseline.compare(data, target.runner)
+        chosen = data.get("selection") or {}
+        samples = build(rows, _tokenizer_for(artifact, tokenizer_dir or chosen.get("tokenizer")),
+                        max_samples=chosen.get("max_samples"))
+    runner = open_target(artifact).open()
+    try:
+        baseline.check_inputs(data, runner, samples)
+        drift = baseline.compare(data, runner)
+    finally:
+        runner.close()
     try:
         limits = {**DRIFT_THRESHOLDS, **parse_overrides(thresholds, None)}
     except ValueError as e:

@@ -1,64 +1,119 @@
 """`lorax check`: the parity gate as a function the CLI and the export pipeline share.
 
     lorax check adapter/ dist/model-q8_0.gguf dist/onnx dist/merged --report dist/
+    lorax check adapter/ dist/base-as-trained-f32.gguf --lora dist/model-lora-f32.gguf
+
+    from exporter.check import GateOptions, check
+    report = check("adapter/", ["dist/model-q8_0.gguf"], GateOptions(report_dir="dist/"))
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporter.errors import GateFailed, LoraxError
+from exporter.errors import LoraxError
 from exporter.gate import Report, run_gate
+from exporter.registry import lookup
 from exporter.report import write_report
 from exporter.samples import build, load_rows
 from exporter.targets import Target, open_target
 
 
-def reference_runner(source: str | Path, base: str | Path | None = None, trained_on: str | None = None):
+@dataclass
+class GateOptions:
+    """How the gate rebuilds the reference and what it measures."""
+
+    base: str | Path | None = None  # base dir, for adapters without lorax.json
+    trained_on: str | None = None  # nf4 | fp4 | none, for adapters without lorax.json
+    double_quant: bool = False  # with trained_on nf4/fp4
+    prompts: str | Path | None = None
+    report_dir: str | Path | None = None
+    gen_tokens: int = 16
+    max_samples: int | None = None
+    overrides: dict = field(default_factory=dict)
+    floor: str = "auto"
+    lora: str | Path | None = None  # a LoRA GGUF applied to every GGUF artifact (llama.cpp --lora)
+    merged_dir: Path | None = None  # the merged weights the artifacts came from (the pipeline knows them)
+
+    def merge_kw(self) -> dict:
+        return {"trained_on": self.trained_on, "double_quant": self.double_quant, "base_dir": self.base}
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def reference_runner(source: str | Path, opts: GateOptions):
     """The model as trained: for an adapter dir, its base quantized as in training + the adapter;
     for a plain HF model dir, that model itself (float32)."""
     from formats.hf import HFRunner
 
     source = Path(source)
-    if (source / "adapter_config.json").is_file():
+    if is_adapter(source):
         from exporter.reference import read_adapter
         from exporter.reference import reference_runner as adapter_reference
 
-        return adapter_reference(read_adapter(source, trained_on=trained_on, base_dir=base))
+        return adapter_reference(read_adapter(source, opts.trained_on, opts.double_quant, opts.base))
     if (source / "config.json").is_file():
         return HFRunner(source, name=f"reference:{source.name}")
     raise LoraxError(f"{source}: neither an adapter dir (adapter_config.json) nor an HF model dir (config.json)")
 
 
-def check(source: str | Path, artifacts: list[str | Path] | list[Target], *, base=None, trained_on=None,
-          prompts=None, report_dir: str | Path | None = None, gen_tokens: int = 16, max_samples: int | None = None,
-          overrides: dict | None = None, raise_on_fail: bool = True, floor: str = "auto") -> Report:
+def lora_pairing(source: Path, lora: Path, floor) -> Target:
+    """The same LoRA GGUF over a GGUF of the original base: ungated, to show the cost of the wrong base."""
+    from formats.gguf.runner import GGUFRunner
+
+    def opener():
+        return GGUFRunner(floor.original_base_gguf(), lora_path=lora, name=f"original base + {lora.name}")
+
+    return Target(f"original-base + {lora.name}", "gguf", "f32", source, lora=lora, gated=False, opener=opener,
+                  note="ungated: the LoRA over a GGUF of the original (unquantized) base, the naive merge "
+                       "llama.cpp computes when the LoRA is paired with the wrong base")
+
+
+def _targets(source: Path, artifacts: list, opts: GateOptions, floor) -> list[Target]:
+    lora = Path(opts.lora) if opts.lora else None
+    targets = [a if isinstance(a, Target) else open_target(a, lora if str(a).endswith(".gguf") else None)
+               for a in artifacts]
+    for t in targets:
+        lookup(t.format, t.dtype)  # a type without a threshold row is refused before anything runs
+    if lora is not None and floor is not None and floor.adapter_dir is not None and _trained_quantized(source, opts):
+        targets.append(lora_pairing(source, lora, floor))
+    return targets
+
+
+def _trained_quantized(source: Path, opts: GateOptions) -> bool:
+    from exporter.reference import read_adapter
+
+    return read_adapter(source, opts.trained_on, opts.double_quant, opts.base).trained_on.quantized
+
+
+def check(source: str | Path, artifacts: list, opts: GateOptions | None = None) -> Report:
+    """Gate every artifact against the model as trained; write the report when `opts.report_dir` is set.
+    The verdict is in the returned Report (callers decide the exit code)."""
+    from exporter.floor import Floor
+
+    opts = opts or GateOptions()
+    source = Path(source)
     if not artifacts:
         raise LoraxError("no artifacts to check; pass one or more .gguf files, ONNX dirs or HF dirs")
-    ref = reference_runner(source, base, trained_on)
-    rows, where = load_rows(prompts, source)
+    ref = reference_runner(source, opts)
+    rows, where = load_rows(opts.prompts, source)
     try:
-        samples = build(rows, ref.tokenizer, max_samples=max_samples)
+        samples = build(rows, ref.tokenizer, max_samples=opts.max_samples)
     except ValueError as e:
         raise LoraxError(f"{where}: {e}") from None
-    targets = [a if isinstance(a, Target) else open_target(a) for a in artifacts]
-    # the quantization floor needs a base to quantize: only an adapter reference has one
-    probe = None
-    if floor != "off" and (Path(source) / "adapter_config.json").is_file():
-        from exporter.floor import Floor
-
-        probe = Floor(Path(source), samples, base=base, trained_on=trained_on, mode=floor)
+    # the control needs the merged weights; the floor, a base to quantize (only an adapter reference has one)
+    probe = Floor(samples, adapter_dir=source if is_adapter(source) else None,
+                  merged_dir=opts.merged_dir or (None if is_adapter(source) else source),
+                  merge_kw=opts.merge_kw(), mode=opts.floor)
     try:
-        report = run_gate(ref, ref.name, targets, samples, ref.tokenizer, where, gen_tokens, overrides, probe)
-    except KeyError as e:  # no thresholds for a format/dtype
-        raise LoraxError(str(e.args[0])) from None
+        targets = _targets(source, artifacts, opts, probe)
+        report = run_gate(ref, ref.name, targets, samples, ref.tokenizer, where, opts.gen_tokens, opts.overrides,
+                          probe)
     finally:
-        if probe is not None:
-            probe.close()
-    if report_dir is not None:
-        write_report(report, report_dir)
-    if raise_on_fail and not report.passed:
-        worst = next(t for t in report.targets if not t.passed)
-        raise GateFailed(f"{worst.name} failed: {'; '.join(worst.failures)}"
-                         + (f" (report: {Path(report_dir) / 'report.md'})" if report_dir else ""))
+        probe.close()
+    if opts.report_dir is not None:
+        write_report(report, opts.report_dir)
     return report

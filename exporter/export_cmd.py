@@ -4,34 +4,41 @@ from __future__ import annotations
 
 import click
 
+from exporter.registry import lookup, offered
+
+# every type offered here has a threshold row (exporter.registry); the rest are not offered
+QUANTS = click.Choice(offered("gguf"), case_sensitive=False)
+ONNX_QUANTS = [t for t in offered("onnx") if lookup("onnx", t).quantized]
+
 
 @click.command("export")
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--gguf", is_flag=True, help="Write GGUF files for llama.cpp.")
-@click.option("--quant", "quants", multiple=True, metavar="TYPE",
-              help="GGUF type, repeatable: f32 f16 bf16 q8_0 q6_k q5_k_m q4_k_m q4_0 ... (default q8_0).")
-@click.option("--gguf-adapter", is_flag=True, help="Also write the adapter alone as a llama.cpp LoRA GGUF.")
+@click.option("--quant", "quants", multiple=True, type=QUANTS, help="GGUF type, repeatable (default q8_0).")
+@click.option("--gguf-adapter", is_flag=True, help="Also write the adapter alone as a llama.cpp LoRA GGUF, with the base it was "
+              "trained on (base-as-trained-<type>.gguf) to apply it to; the pair is gated in llama.cpp.")
 @click.option("--onnx", is_flag=True, help="Write an ONNX decoder with KV cache for onnxruntime.")
 @click.option("--onnx-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--onnx-quant", type=click.Choice(["int8", "int4"]), default=None)
+@click.option("--onnx-quant", type=click.Choice(ONNX_QUANTS), default=None)
 @click.option("--merge-base", type=click.Choice(["quantized", "original", "auto"]), default=None,
               help="What the LoRA is folded into (default: quantized for QLoRA adapters).")
 @click.option("--trained-on", type=click.Choice(["nf4", "fp4", "none"]),
               help="Required for adapters without lorax.json.")
+@click.option("--double-quant", is_flag=True, help="With --trained-on nf4/fp4: training used double quantization.")
 @click.option("--base", type=click.Path(exists=True, file_okay=False), help="Override the recorded base dir.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Merged weights dtype (default: the base's storage dtype).")
+              help="Merged weights dtype (default: the dtype training computed in, so the merge is exact).")
 @click.option("--no-check", is_flag=True, help="Skip the parity gate (not recommended).")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="Gate prompts (default: eval.jsonl).")
 @click.option("--max-samples", type=int, default=None, help="Gate on at most this many prompts.")
 @click.option("--gen-tokens", default=16, show_default=True)
 @click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE")
 @click.option("--floor", type=click.Choice(["auto", "always", "off"]), default="auto", show_default=True,
-              help="Quantization floor of lossy GGUF types (see `lorax check --help`).")
+              help="Quantization floor of lossy GGUF/ONNX types (see `lorax check --help`).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def command(source, out_dir, gguf, quants, gguf_adapter, onnx, onnx_dtype, onnx_quant, merge_base, trained_on,
-            base, dtype, no_check, prompts, max_samples, gen_tokens, thresholds, floor, force) -> None:
+            double_quant, base, dtype, no_check, prompts, max_samples, gen_tokens, thresholds, floor, force) -> None:
     """Merge SOURCE (adapter dir or HF model dir), write GGUF/ONNX into DIR, and gate every artifact."""
     from exporter.errors import GateFailed, LoraxError
     from exporter.pipeline import ExportOptions, export
@@ -43,7 +50,8 @@ def command(source, out_dir, gguf, quants, gguf_adapter, onnx, onnx_dtype, onnx_
     except ValueError as e:
         raise LoraxError(str(e)) from None
     opts = ExportOptions(gguf=gguf, quants=quants, gguf_adapter=gguf_adapter, onnx=onnx, onnx_dtype=onnx_dtype,
-                         onnx_quant=onnx_quant, merge_base=merge_base, trained_on=trained_on, base=base,
+                         onnx_quant=onnx_quant, merge_base=merge_base, trained_on=trained_on,
+                         double_quant=double_quant, base=base,
                          dtype=dtype, check=not no_check, prompts=prompts, max_samples=max_samples,
                          gen_tokens=gen_tokens, overrides=overrides, floor=floor, force=force)
     report = export(source, out_dir, opts)

@@ -1,35 +1,40 @@
-"""The quantization floor: what a lossy type costs on the base as trained, on the gate's own prompts.
+"""The quantization floor, and the lossless control that must pass before a floor may excuse anything.
 
-    lorax check adapter/ dist/model-q4_k_m.gguf                # floor measured where a table limit fails
-    lorax check adapter/ dist/model-q4_k_m.gguf --floor off    # the table alone
-    lorax check adapter/ dist/model-q4_k_m.gguf --floor always # measured and reported for every lossy target
+    lorax check adapter/ dist/model-q4_k_m.gguf                # control always; floor where a table limit fails
+    lorax check adapter/ dist/model-q4_k_m.gguf --floor off    # control, then the table alone
+    lorax check adapter/ dist/model-q4_k_m.gguf --floor always # floor measured and reported for every lossy target
 
-Lossy types: GGUF q8_0 ... q2_k, ONNX int8/int4 (BUILDERS below).
+Lossy types: the registry's `quantized` rows (GGUF q8_0 ... q4_0, ONNX int8/int4).
 
-Why it exists: a QLoRA model computes with NF4 (or FP4) weights, and the faithful merge keeps them on that
-grid plus a low-rank delta. q4_k's grid cannot represent an NF4 grid, so re-quantizing loses more than
-quantizing the original weights does. Measured on SmolLM2-135M, q4_k_m, the same 50 held-out JSON-task
-prompts: original base vs its q4_k_m 0.069 mean KLD; NF4 base as trained vs its q4_k_m 0.191; the merged
-fine-tune vs its q4_k_m 0.191. The table's limits were set from quantizing original weights, so a
-faithful export of a QLoRA model could fail them while adding nothing to what the type itself loses.
+Why a floor: a QLoRA model computes with NF4 (or FP4) weights, and the faithful merge keeps them on that grid
+plus a low-rank delta. q4_k's grid cannot represent an NF4 grid, so re-quantizing loses more than quantizing
+the original weights does (SmolLM2-135M, q4_k_m, 50 held-out prompts: original base vs its q4_k_m 0.069 mean
+KLD; NF4 base as trained vs its q4_k_m 0.191; merged fine-tune vs its q4_k_m 0.191). So for a lossy target
+that fails a table limit, the base exactly as training computed with it (no adapter) is converted to the same
+type by the same writer and measured against itself on the same ids; the limit becomes the worse of the
+table's and the floor's (with `MARGIN`), never past `thresholds.FLOOR_CAP`, never for a user's --threshold.
 
-So, for a lossy target that fails a limit: write the base exactly as training computed with it (no
-adapter), convert it to the same type with the same code, and measure it against itself on the same token
-ids. That metric's limit becomes the worse of the table's and the floor's times `MARGIN`. A broken export
-(adapter left out, q/k permutation undone, wrong rope theta) stays far outside both: those break the
-model, not the rounding. Limits the user set with --threshold are never relaxed.
+Why a control: the floor's file comes from the same writer as the target, so a writer bug that hits every
+file (q/k rows not permuted, a wrong rope theta or norm epsilon, a tensor in the wrong slot) inflates the
+floor too and would excuse itself. The control is a lossless file (the merged weights' exact GGUF type, or
+ONNX float32) made by the same writer from the same merged weights and measured against the *reference*
+(the trained model, which shares no code with the writers), held to the lossless row. A lossy target whose
+control fails, fails, with the control's failure named; only a passing control lets a floor relax a limit.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from exporter import metrics
+from exporter.registry import lookup
 from exporter.samples import Sample
-from exporter.targets import Target
+from exporter.thresholds import FLOOR_CAP, limits_for, violations
 
 # metric -> (kind, amount): "x" multiplies the floor's value (a maximum), "-" subtracts from it (a minimum).
 MARGIN: dict[str, tuple[str, float]] = {
@@ -42,92 +47,159 @@ MARGIN: dict[str, tuple[str, float]] = {
 FLOOR_MODES = ("auto", "always", "off")
 
 
-def _gguf_artifact(base_dir: Path, dtype: str, work: Path) -> Target:
-    from formats.gguf.export import export_gguf
-    from formats.gguf.runner import GGUFRunner
-
-    out = export_gguf(base_dir, work / "gguf", [dtype], stem="floor", force=True, check_tokenizer=False,
-                      progress=False)
-    path = out.files[0].path
-    return Target(path.name, "gguf", dtype, path, GGUFRunner(path, name=f"floor:{path.name}"))
+def applies(fmt: str, dtype: str) -> bool:
+    """A lossy (quantized) registry type: it gets a control, and may get a floor."""
+    return lookup(fmt, dtype).quantized
 
 
-def _onnx_artifact(base_dir: Path, dtype: str, work: Path) -> Target:
-    from formats.onnx.export import export_onnx
-    from formats.onnx.runner import ONNXRunner
-
-    out = export_onnx(base_dir, work / f"onnx-{dtype}", quant=dtype, force=True)
-    return Target(f"floor:onnx-{dtype}", "onnx", dtype, out.dir, ONNXRunner(out.dir))
-
-
-# format -> (lossy types the floor applies to, builder of the same type from an HF dir)
-BUILDERS: dict[str, tuple[frozenset[str], Callable[[Path, str, Path], Target]]] = {
-    "gguf": (frozenset({"q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1",
-                        "q3_k_m", "q3_k_s", "q3_k_l", "q2_k"}), _gguf_artifact),
-    "onnx": (frozenset({"int8", "int4"}), _onnx_artifact),
-}
-
-
-def applies(target: Target) -> bool:
-    types, _ = BUILDERS.get(target.format, (frozenset(), None))
-    return target.dtype.lower() in types
+def _apply(kind: str, amount: float, value: float) -> float:
+    return value * amount if kind == "x" else value - amount
 
 
 def relax(limits: dict[str, float], floor: dict[str, float], fixed: set[str]) -> dict[str, float]:
-    """Limits where each MARGIN metric becomes the worse of the table's and the floor's (with margin);
-    metrics in `fixed` (set by the user) keep their limit."""
+    """Limits where each MARGIN metric becomes the worse of the table's and the floor's (with margin), but
+    never past FLOOR_CAP of the table's; metrics in `fixed` (set by the user) keep their limit."""
     out = dict(limits)
     for name, (kind, amount) in MARGIN.items():
         if name not in limits or name in fixed or floor.get(name) is None:
             continue
-        if kind == "x":
-            out[name] = max(limits[name], floor[name] * amount)
-        else:
-            out[name] = min(limits[name], floor[name] - amount)
+        cap = _apply(*FLOOR_CAP[name], limits[name])
+        relaxed = _apply(kind, amount, floor[name])
+        out[name] = min(max(limits[name], relaxed), cap) if kind == "x" else max(min(limits[name], relaxed), cap)
     return out
 
 
-class Floor:
-    """Builds the base as trained once (lazily), then one same-type artifact per lossy (format, dtype)."""
+@dataclass
+class Control:
+    """A lossless file of the target's writer, made from the same merged weights, against the reference."""
 
-    def __init__(self, adapter_dir: Path, samples: list[Sample], base=None, trained_on=None,
-                 mode: str = "auto") -> None:
+    format: str
+    dtype: str
+    metrics: dict[str, float]
+    limits: dict[str, float]
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def describe(self) -> str:
+        return (f"control {self.format}/{self.dtype} (lossless, same writer, same merged weights) failed: "
+                f"{'; '.join(self.failures)}")
+
+
+class Floor:
+    """Lazily builds, in one temp dir: the merged weights (when not given), the base as trained, and per
+    (format, type) the control and floor files; every measurement is cached for the gate's run."""
+
+    def __init__(self, samples: list[Sample], *, adapter_dir: Path | None = None, merged_dir: Path | None = None,
+                 merge_kw: dict | None = None, mode: str = "auto") -> None:
         if mode not in FLOOR_MODES:
             raise ValueError(f"--floor {mode!r}: expected one of {', '.join(FLOOR_MODES)}")
-        self.adapter_dir, self.samples, self.base, self.trained_on, self.mode = (
-            Path(adapter_dir), samples, base, trained_on, mode)
+        if adapter_dir is None and merged_dir is None:
+            raise ValueError("Floor needs an adapter dir or the merged weights")
+        self.samples, self.mode = samples, mode
+        self.adapter_dir = Path(adapter_dir) if adapter_dir else None
+        self._merged = Path(merged_dir) if merged_dir else None
+        self.merge_kw = merge_kw or {}
         self._work: Path | None = None
-        self._base_logits: list | None = None
-        self._measured: dict[tuple[str, str], dict[str, float]] = {}
+        self._base_logits: list[np.ndarray] | None = None
+        self._floors: dict[tuple[str, str], dict[str, float]] = {}
+        self._controls: dict[tuple[str, str], Control] = {}
 
-    def wanted(self, target: Target, failed: bool) -> bool:
-        return applies(target) and (self.mode == "always" or (self.mode == "auto" and failed))
-
-    def _base(self) -> Path:
-        from exporter.merge import merge_adapter
-        from formats.hf import HFRunner
-
+    @property
+    def work(self) -> Path:
         if self._work is None:
             self._work = Path(tempfile.mkdtemp(prefix="lorax-floor-"))
-            merge_adapter(self.adapter_dir, self._work / "base", trained_on=self.trained_on, base_dir=self.base,
-                          verify=False, progress=False, adapter_weights=False)
-            runner = HFRunner(self._work / "base", name="floor:base-as-trained")
-            self._base_logits = [runner.logits(s.ids) for s in self.samples]
-        return self._work / "base"
+        return self._work
 
-    def measure(self, target: Target) -> dict[str, float]:
+    def wanted(self, fmt: str, dtype: str, failed: bool) -> bool:
+        return (self.adapter_dir is not None and applies(fmt, dtype)
+                and (self.mode == "always" or (self.mode == "auto" and failed)))
+
+    def merged(self) -> Path:
+        """The merged weights the target was made from (given by the pipeline, else merged here)."""
+        if self._merged is None:
+            from exporter.merge import merge_adapter
+
+            self._merged = merge_adapter(self.adapter_dir, self.work / "merged", verify=False, progress=False,
+                                         **self.merge_kw)
+        return self._merged
+
+    def base_as_trained(self) -> Path:
+        """The base exactly as training computed with it, without the adapter."""
+        out = self.work / "base-as-trained"
+        if not out.exists():
+            from exporter.merge import merge_adapter
+
+            merge_adapter(self.adapter_dir, out, verify=False, progress=False, adapter_weights=False,
+                          **self.merge_kw)
+        return out
+
+    def _logits(self, fmt: str, path: Path) -> list[np.ndarray]:
+        from exporter.targets import open_runner
+
+        runner = open_runner(fmt, path, name=f"probe:{path.name}")
+        try:
+            return [runner.logits(s.ids) for s in self.samples]
+        finally:
+            runner.close()
+
+    def control(self, fmt: str, ref_logits: list[np.ndarray]) -> Control:
+        """The lossless control of `fmt` against the reference logits (cached per format)."""
+        from exporter.registry import build
+
+        merged = self.merged()
+        dtype = control_type(fmt, merged)
+        key = (fmt, dtype)
+        if key not in self._controls:
+            path = build(fmt, merged, dtype, self.work, "control")
+            parity = metrics.compare(ref_logits, self._logits(fmt, path), [s.ids for s in self.samples])
+            m = parity.as_dict()
+            limits = limits_for(fmt, dtype, positions=parity.positions)
+            self._controls[key] = Control(fmt, dtype, m, limits, violations(m, limits))
+            _remove(path)
+        return self._controls[key]
+
+    def measure(self, fmt: str, dtype: str) -> dict[str, float]:
         """Parity of the same type, made from the base as trained, against that base (cached per type)."""
-        key = (target.format, target.dtype.lower())
-        if key not in self._measured:
-            base = self._base()
-            art = BUILDERS[target.format][1](base, key[1], self._work)
-            parity = metrics.compare(self._base_logits, [art.runner.logits(s.ids) for s in self.samples],
-                                     [s.ids for s in self.samples])
-            self._measured[key] = parity.as_dict()
-            del art
-        return self._measured[key]
+        from exporter.registry import build
+
+        key = (fmt, dtype.lower())
+        if key not in self._floors:
+            base = self.base_as_trained()
+            if self._base_logits is None:
+                self._base_logits = self._logits("hf", base)
+            path = build(fmt, base, key[1], self.work, "floor")
+            self._floors[key] = metrics.compare(self._base_logits, self._logits(fmt, path),
+                                                [s.ids for s in self.samples]).as_dict()
+            _remove(path)
+        return self._floors[key]
+
+    def original_base_gguf(self) -> Path:
+        """A GGUF of the original base weights (exact type), to show what a LoRA GGUF costs over it."""
+        from exporter.reference import read_adapter
+        from exporter.registry import build
+        from formats.gguf.writer import source_type
+
+        base = read_adapter(self.adapter_dir, self.merge_kw.get("trained_on"), self.merge_kw.get("double_quant", False),
+                            self.merge_kw.get("base_dir")).base_dir
+        return build("gguf", base, source_type(base), self.work, "original-base")
 
     def close(self) -> None:
         if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
+
+
+def control_type(fmt: str, merged: Path) -> str:
+    """The lossless type of `fmt` that holds the merged weights exactly."""
+    if fmt == "gguf":
+        from formats.gguf.writer import source_type
+
+        return source_type(merged)
+    return "float32"
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

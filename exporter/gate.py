@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from exporter import metrics
 from exporter.samples import Sample
 from exporter.targets import Target
-from exporter.thresholds import limits_for, violations
+from exporter.thresholds import MIN_TAIL_POSITIONS, TAIL_METRICS, limits_for, violations
 
 
 @dataclass
@@ -33,6 +33,11 @@ class TargetResult:
     kld_positions: list[float] = field(default_factory=list, repr=False)
     # the same type made from the base as trained, against that base (exporter.floor); None = not measured
     floor: dict[str, float] | None = None
+    # the lossless file of the same writer from the same merged weights, against the reference (lossy types)
+    control: dict | None = None
+    gated: bool = True  # False: shown for information, never fails the gate
+    note: str = ""
+    untested: list[str] = field(default_factory=list)  # limits of the row not applied here, and why
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -88,9 +93,9 @@ def task_accuracy(gens: list[list[int]], samples: list[Sample], tokenizer) -> fl
     return float(np.mean(scored)) if scored else None
 
 
-def tokenizer_mismatch(target: Target, samples: list[Sample]) -> str | None:
+def tokenizer_mismatch(runner, samples: list[Sample]) -> str | None:
     for i, s in enumerate(samples):
-        ids = target.runner.tokenize(s.text, add_special_tokens=False)
+        ids = runner.tokenize(s.text, add_special_tokens=False)
         if ids != s.ids:
             j = next((k for k, (a, b) in enumerate(zip(ids, s.ids, strict=False)) if a != b), min(len(ids), len(s.ids)))
             return (f"tokenizer: sample {i} ids differ from the reference at position {j} "
@@ -98,23 +103,53 @@ def tokenizer_mismatch(target: Target, samples: list[Sample]) -> str | None:
     return None
 
 
+def run_target(target: Target, samples: list[Sample], tokenizer, gen_tokens: int):
+    """(tokenizer mismatch or None, logits, generations) of one target, loaded for this call only."""
+    runner = target.open()
+    try:
+        mismatch = tokenizer_mismatch(runner, samples)
+        logits, gens = [], []
+        for s in tqdm(samples, desc=target.name, leave=False):
+            logits.append(runner.logits(s.ids))
+            gens.append(runner.generate(s.prompt_ids, gen_budget(s, tokenizer, gen_tokens)))
+        return mismatch, logits, gens
+    finally:
+        runner.close()
+
+
+def _result(target: Target, metrics_: dict, limits: dict, failures: list[str], **kw) -> TargetResult:
+    passed = not failures
+    return TargetResult(target.name, target.format, target.dtype, str(target.path), metrics_, limits, failures,
+                        passed, gated=target.gated, note=target.note, **kw)
+
+
 def evaluate_target(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer, gen_tokens: int,
                     ref_accuracy: float | None, overrides: dict | None = None, floor=None) -> TargetResult:
-    limits = limits_for(target.format, target.dtype, overrides)
-    failures: list[str] = []
-    if (msg := tokenizer_mismatch(target, samples)) is not None:
-        failures.append(msg)
+    """One target's row. Anything that stops it from being measured (it does not load, it crashes in its
+    runtime) is a failed row carrying the error, so the other targets are still measured and reported."""
+    try:
+        return _evaluate(target, samples, ref, tokenizer, gen_tokens, ref_accuracy, overrides, floor)
+    except Exception as e:  # noqa: BLE001 - an artifact that cannot run is a failed artifact, not a crash
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return _result(target, {}, limits_for(target.format, target.dtype, overrides),
+                       [f"could not be measured: {type(e).__name__}: {msg}"])
+
+
+def _evaluate(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer, gen_tokens: int,
+              ref_accuracy: float | None, overrides: dict | None, floor) -> TargetResult:
+    from exporter.floor import applies, relax
+
+    mismatch, logits, gens = run_target(target, samples, tokenizer, gen_tokens)
+    failures: list[str] = [mismatch] if mismatch else []
     fixed = list(failures)  # no floor excuses these
-    logits, gens = [], []
-    for s in tqdm(samples, desc=target.name, leave=False):
-        logits.append(target.runner.logits(s.ids))
-        gens.append(target.runner.generate(s.prompt_ids, gen_budget(s, tokenizer, gen_tokens)))
     if logits[0].shape[-1] != ref.logits[0].shape[-1]:
         failures.append(f"vocab: target has {logits[0].shape[-1]} logits per position, reference "
                         f"{ref.logits[0].shape[-1]}")
-        return TargetResult(target.name, target.format, target.dtype, str(target.path), {}, limits,
-                            failures, False)
+        return _result(target, {}, limits_for(target.format, target.dtype, overrides), failures)
     parity = metrics.compare(ref.logits, logits, [s.ids for s in samples])
+    limits = limits_for(target.format, target.dtype, overrides, positions=parity.positions)
+    untested = [f"{k}: {parity.positions} positions < {MIN_TAIL_POSITIONS}" for k in TAIL_METRICS
+                if k in limits_for(target.format, target.dtype) and k not in limits]
     m = parity.as_dict()
     m["greedy_match"] = metrics.greedy_match([g[:gen_tokens] for g in ref.generations],
                                              [g[:gen_tokens] for g in gens])
@@ -123,29 +158,35 @@ def evaluate_target(target: Target, samples: list[Sample], ref: RefOutputs, toke
         m["task_accuracy"] = acc
         m["task_accuracy_drop"] = (ref_accuracy or 0.0) - acc
     failures += violations(m, limits)
-    floor_metrics = None
-    # only a metric failure can be rounding; a tokenizer mismatch fails regardless, so no floor is built for it
-    if floor is not None and floor.wanted(target, failed=len(failures) > len(fixed)):
-        from exporter.floor import relax
-
-        floor_metrics = floor.measure(target)
-        limits = relax(limits, floor_metrics, fixed=set(overrides or {}))
-        failures = fixed + violations(m, limits)
+    floor_metrics, control = None, None
+    if floor is not None and applies(target.format, target.dtype):
+        ctl = floor.control(target.format, ref.logits)
+        control = {"type": ctl.dtype, "metrics": ctl.metrics, "thresholds": ctl.limits, "failures": ctl.failures,
+                   "passed": ctl.passed}
+        if not ctl.passed:
+            failures.append(ctl.describe())  # a writer bug: no floor may excuse anything it wrote
+        # only a metric failure can be rounding; a tokenizer mismatch fails regardless, so no floor is built
+        elif floor.wanted(target.format, target.dtype, failed=len(failures) > len(fixed)):
+            floor_metrics = floor.measure(target.format, target.dtype)
+            limits = relax(limits, floor_metrics, fixed=set(overrides or {}))
+            failures = fixed + violations(m, limits)
     klds = np.concatenate([metrics.kld_per_position(r, t) for r, t in zip(ref.logits, logits, strict=True)])
-    return TargetResult(target.name, target.format, target.dtype, str(target.path), m, limits, failures,
-                        not failures, kld_positions=klds.tolist(), floor=floor_metrics)
+    return _result(target, m, limits, failures, kld_positions=klds.tolist(), floor=floor_metrics,
+                   control=control, untested=untested)
 
 
 def run_gate(ref, reference_name: str, targets: list[Target], samples: list[Sample], tokenizer,
              prompts_source: str, gen_tokens: int = 16, overrides: dict | None = None, floor=None) -> Report:
+    """Reference outputs once, then each target loaded, measured and closed in turn."""
     from exporter.versions import package_versions
 
     ref_out = run_reference(ref, samples, tokenizer, gen_tokens)
+    ref.close()  # only its outputs are needed from here on: peak memory is one loaded model at a time
     ref_acc = task_accuracy(ref_out.generations, samples, tokenizer)
     results = [evaluate_target(t, samples, ref_out, tokenizer, gen_tokens, ref_acc, overrides, floor)
                for t in tqdm(targets, desc="gate", unit="target")]
     return Report(
-        passed=all(r.passed for r in results),
+        passed=all(r.passed for r in results if r.gated),
         reference=reference_name,
         prompts=prompts_source,
         samples=len(samples),

@@ -31,7 +31,7 @@ def _size(text: str) -> int:
 @click.option("--merge-base", type=click.Choice(MERGE_BASES), default=None,
               help="Fold into the base as quantized in training (default for QLoRA adapters), the original "
                    "weights, or auto: build both and keep the one closer to the trained model.")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Output dtype [default: the base's storage dtype].")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Output dtype [default: the dtype training computed in, so the merge is exact].")
 @click.option("--trained-on", type=click.Choice(TRAINED_ON), default=None,
               help="For adapters without lorax.json: how the base was quantized in training (required there).")
 @click.option("--double-quant", is_flag=True, help="With --trained-on nf4/fp4: training used double quantization.")

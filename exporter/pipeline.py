@@ -5,6 +5,8 @@
 Output layout:
     dist/merged/            the merged HF model (skipped when the source is already an HF model dir)
     dist/model-<type>.gguf  one per --quant (several types share one intermediate)
+    dist/model-lora-f32.gguf + dist/base-as-trained-<t>.gguf   with --gguf-adapter: the LoRA alone and the
+                            base it was trained on (NF4-dequantized), gated together through llama.cpp
     dist/onnx/              ONNX decoder with KV cache (+ config/tokenizer files)
     dist/report.{json,md}   the gate's verdict on every artifact, kld.svg
     dist/lorax.json         what was built from what, with sha256 of every file
@@ -35,6 +37,7 @@ class ExportOptions:
     onnx_quant: str | None = None
     merge_base: str | None = None
     trained_on: str | None = None
+    double_quant: bool = False
     base: str | None = None
     dtype: str | None = None
     check: bool = True
@@ -50,14 +53,48 @@ def is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
-    """Build every requested artifact, then gate them. Returns the gate Report (or None with --no-check)."""
-    source, out_dir = Path(source), Path(out_dir)
+def validate(source: Path, opts: ExportOptions) -> ExportOptions:
+    """Every refusal that needs no model: nothing is written before these pass."""
+    from dataclasses import replace
+
+    from exporter.registry import lookup, normalise_quants
+
     if not (opts.gguf or opts.onnx):
         raise LoraxError("nothing to export; pass --gguf and/or --onnx")
     if not source.is_dir():
         raise LoraxError(f"{source}: no such directory; pass an adapter dir (from lorax train) or an HF model dir")
-    artifacts: list[Path] = []
+    if opts.gguf_adapter and not is_adapter(source):
+        raise LoraxError(f"--gguf-adapter needs an adapter dir; {source} has no adapter_config.json")
+    if opts.onnx:
+        lookup("onnx", opts.onnx_quant or opts.onnx_dtype)
+    return replace(opts, quants=normalise_quants(opts.quants or ("q8_0",)) if opts.gguf else ())
+
+
+def write_base_as_trained(source: Path, tmp: Path, opts: ExportOptions) -> Path:
+    """The base exactly as training computed with it, as a GGUF of its exact type: what the LoRA GGUF must be
+    applied to (a GGUF of the original base would give llama.cpp the naive merge)."""
+    import shutil
+
+    from exporter.merge import merge_adapter
+    from formats.gguf.export import export_gguf
+    from formats.gguf.writer import source_type
+
+    hf = tmp / ".base-as-trained"
+    merge_adapter(source, hf, dtype=opts.dtype, trained_on=opts.trained_on, double_quant=opts.double_quant,
+                  base_dir=opts.base, verify=False, progress=False, adapter_weights=False)
+    try:
+        out = export_gguf(hf, tmp, [source_type(hf)], stem="base-as-trained", check_tokenizer=False)
+        return out.files[0].path
+    finally:
+        shutil.rmtree(hf, ignore_errors=True)
+
+
+def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
+    """Build every requested artifact, then gate them. Returns the gate Report (or None with --no-check)."""
+    source, out_dir = Path(source), Path(out_dir)
+    opts = validate(source, opts)
+    artifacts: list = []
+    lora: Path | None = None
     record: dict = {"kind": "export", "lorax_version": __version__, "source": str(source.resolve()),
                     "created": datetime.now(UTC).isoformat(timespec="seconds"), "artifacts": []}
     with atomic_dir(out_dir, force=opts.force) as tmp:
@@ -65,7 +102,7 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
             from exporter.merge import merge_adapter
 
             merge_adapter(source, tmp / "merged", merge_base=opts.merge_base, dtype=opts.dtype,
-                          trained_on=opts.trained_on, base_dir=opts.base)
+                          trained_on=opts.trained_on, double_quant=opts.double_quant, base_dir=opts.base)
             merged_tmp, merged_final = tmp / "merged", out_dir / "merged"
             artifacts.append(merged_final)
         elif (source / "config.json").is_file():
@@ -75,14 +112,20 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
         if opts.gguf:
             from formats.gguf.export import export_gguf
 
-            result = export_gguf(merged_tmp, tmp, opts.quants or ("q8_0",),
-                                 adapter_dir=source if opts.gguf_adapter else None)
-            for f in result:
-                final = out_dir / f.path.name
-                record["artifacts"].append({"format": "gguf", "kind": f.kind, "type": f.type,
-                                            "path": final.name, "sha256": f.sha256})
-                if f.kind == "model":
-                    artifacts.append(final)
+            result = export_gguf(merged_tmp, tmp, opts.quants, adapter_dir=source if opts.gguf_adapter else None)
+            files = [(f.kind, f.type, f.path, f.sha256) for f in result]
+            if opts.gguf_adapter:
+                base_gguf = write_base_as_trained(source, tmp, opts)
+                files.append(("base", base_gguf.stem.rsplit("-", 1)[1], base_gguf, sha256_file(base_gguf)))
+            for kind, qtype, path, digest in files:
+                record["artifacts"].append({"format": "gguf", "kind": kind, "type": qtype, "path": path.name,
+                                            "sha256": digest})
+                if kind == "model":
+                    artifacts.append(out_dir / path.name)
+                elif kind == "lora":
+                    lora = out_dir / path.name
+                else:
+                    artifacts.append(out_dir / path.name)  # the base, gated with the LoRA applied (opts.lora)
             record["warnings"] = list(result.warnings)
         if opts.onnx:
             from formats.onnx.export import export_onnx
@@ -95,11 +138,23 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
         (tmp / "lorax.json").write_text(json.dumps(record, indent=2) + "\n")
     if not opts.check:
         return None
-    from exporter.check import check
+    report = gate(source, out_dir, artifacts, lora, opts)
+    return report
 
-    report = check(source, artifacts, base=opts.base, trained_on=opts.trained_on, prompts=opts.prompts,
-                   report_dir=out_dir, gen_tokens=opts.gen_tokens, max_samples=opts.max_samples,
-                   overrides=opts.overrides, raise_on_fail=False, floor=opts.floor)
+
+def gate(source: Path, out_dir: Path, artifacts: list[Path], lora: Path | None, opts: ExportOptions):
+    """Gate the published artifacts; the LoRA GGUF is measured on the base-as-trained GGUF it ships with."""
+    from exporter.check import GateOptions, check
+    from exporter.targets import open_target
+
+    base_ggufs = [p for p in artifacts if p.name.startswith("base-as-trained-")]
+    targets = [open_target(p, lora if p in base_ggufs else None) for p in artifacts]
+    merged = out_dir / "merged" if is_adapter(source) else source
+    gopts = GateOptions(base=opts.base, trained_on=opts.trained_on, double_quant=opts.double_quant,
+                        prompts=opts.prompts, report_dir=out_dir, gen_tokens=opts.gen_tokens,
+                        max_samples=opts.max_samples, overrides=opts.overrides, floor=opts.floor, lora=lora,
+                        merged_dir=merged)
+    report = check(source, targets, gopts)
     meta = json.loads((out_dir / "lorax.json").read_text())
     meta["gate"] = {"passed": report.passed, "report": "report.md",
                     "targets": {t.name: t.passed for t in report.targets}}

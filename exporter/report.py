@@ -49,6 +49,8 @@ def to_markdown(report: Report) -> str:
                 cell += f" ({'≥' if key in ('top1', 'greedy_match') else '≤'}{t.thresholds[key]:.3g})"
             cells.append(cell)
         verdict = "pass" if t.passed else "**FAIL**: " + "; ".join(t.failures)
+        if not t.gated:
+            verdict = f"ungated ({'within' if t.passed else 'outside'} the row's limits): {t.note}"
         lines.append(f"| {t.name} | {t.format} | {t.dtype} | " + " | ".join(cells) + f" | {verdict} |")
     floored = [t for t in report.targets if t.floor]
     if floored:
@@ -56,6 +58,20 @@ def to_markdown(report: Report) -> str:
                   "same ids (limits above are the worse of the table's and this floor's with margin):", ""]
         lines += [f"- {t.name}: floor mean KLD {t.floor['kld_mean']:.3g}, p99 {t.floor['kld_p99']:.3g}, "
                   f"top-1 {t.floor['top1']:.1%}, PPL ratio {t.floor['ppl_ratio']:.4f}" for t in floored]
+    controlled = [t for t in report.targets if t.control]
+    if controlled:
+        lines += ["", "Lossless controls: the same writer's exact file of the same merged weights, against the "
+                  "reference, held to the lossless row; a floor may relax a lossy target's limits only when its "
+                  "control passed:", ""]
+        for t in controlled:
+            c = t.control
+            state = "pass" if c["passed"] else "**FAIL**: " + "; ".join(c["failures"])
+            lines.append(f"- {t.name}: control {t.format}/{c['type']} mean KLD {c['metrics']['kld_mean']:.3g}, "
+                         f"top-1 {c['metrics']['top1']:.1%}: {state}")
+    untested = [(t.name, u) for t in report.targets for u in t.untested]
+    if untested:
+        lines += ["", "Limits not applied (too few positions for a tail statistic):", ""]
+        lines += [f"- {name}: {u}" for name, u in untested]
     lines += ["", "Thresholds in parentheses; KLD = Σ p_ref·(log p_ref − log p_target) per position.",
               "![per-position KLD](kld.svg)", ""]
     return "\n".join(lines)

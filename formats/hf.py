@@ -52,6 +52,15 @@ class HFRunner:
 
         return greedy_loop(step, ids, n, self.stop)
 
+    def close(self) -> None:
+        self.model = None
+
+    def __enter__(self) -> HFRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate_batch(self, prompts: Sequence[Sequence[int]], n: int, batch_size: int = 16) -> list[list[int]]:
         """Greedy continuations of many prompts at once (left-padded); each cut after its first stop token."""
         torch = self._torch

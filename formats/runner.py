@@ -29,6 +29,10 @@ class Runner(Protocol):
         """Up to `n` greedy new tokens after `ids`; stops after an end-of-generation token."""
         ...
 
+    def close(self) -> None:
+        """Free the loaded artifact now (the gate holds one at a time: peak memory is one artifact)."""
+        ...
+
 
 def greedy_loop(step, ids: Sequence[int], n: int, stop: set[int]) -> list[int]:
     """Greedy decoding shared by runners: `step(new_ids)` feeds tokens and returns last-position logits."""

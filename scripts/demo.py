@@ -55,12 +55,12 @@ def accuracy(gens: list[list[int]], samples, tokenizer) -> float:
 def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
     """Accuracy, KLD/top-1 vs the adapter, size and decode speed for every artifact."""
     from exporter import metrics
-    from exporter.check import reference_runner
+    from exporter.check import GateOptions, reference_runner
     from exporter.samples import build, load_rows
     from exporter.targets import open_target
     from formats.hf import HFRunner
 
-    ref = reference_runner(adapter)
+    ref = reference_runner(adapter, GateOptions())
     tok = ref.tokenizer
     rows, _ = load_rows(None, adapter)
     samples = build(rows, tok, max_samples=args.eval_limit)
@@ -75,7 +75,7 @@ def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
     for path in [dist / "merged", *sorted(dist.glob("*.gguf")), dist / "onnx"]:
         if path.exists():
             t = open_target(path)
-            artifacts.append((f"{t.format} {t.dtype}" + (" (merged)" if t.format == "hf" else ""), t.runner, path))
+            artifacts.append((f"{t.format} {t.dtype}" + (" (merged)" if t.format == "hf" else ""), t.open(), path))
 
     rows_out = []
     for label, runner, path in artifacts:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from exporter import baseline, metrics
 from exporter.cli import main
+from exporter.errors import LoraxError
 from exporter.thresholds import limits_for, parse_overrides, violations
 
 PROMPTS = [  # one record form per file, as for training data
@@ -134,7 +135,7 @@ def test_violations_table_directions():
     assert violations({"kld_mean": 0.001, "top1": 0.99}, lim) == []
     assert violations({"kld_mean": 0.5, "top1": 0.5}, lim) == ["kld_mean 0.5 > 0.015", "top1 0.5 < 0.92"]
     assert violations({"kld_mean": float("nan")}, lim) == ["kld_mean is NaN"]
-    with pytest.raises(KeyError, match="no thresholds for gguf/q3_k_xs"):
+    with pytest.raises(LoraxError, match="gguf type 'q3_k_xs' cannot be gated.*supported: f32"):
         limits_for("gguf", "q3_k_xs")
 
 

@@ -110,6 +110,10 @@ class ONNXRunner:
 
         return greedy_loop(step, ids, n, self.stop)
 
+    def close(self) -> None:
+        """Drop the onnxruntime session (its weights) now rather than at garbage collection."""
+        self.session = None
+
     # ---- batches, speed ----------------------------------------------------------------------
 
     def logits_batch(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
