@@ -58,7 +58,10 @@ def gguf_dtype(path: Path) -> str:
     """File type from the GGUF header (general.file_type), as lowercase names: f32, q8_0, q4_k_m, ..."""
     from gguf import GGUFReader, LlamaFileType
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:  # gguf-py reports truncation and bad magic as ValueError
+        raise LoraxError(f"{path}: not a readable GGUF file ({e}); re-export it") from None
     field = reader.fields.get("general.file_type")
     if field is None:
         raise LoraxError(f"{path}: GGUF has no general.file_type, so its thresholds are unknown; "

@@ -108,3 +108,98 @@ def test_baseline_against_a_retrained_adapter_fails(adapter, dist, tiny_model_di
     assert main(["baseline", "compare", str(tmp_path / "dist2" / "model-f32.gguf"), "--baseline", str(golden)]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] is False and any(f.startswith("kld_mean") for f in out["failures"])
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_lora_gguf_is_gated_on_the_base_as_trained(tiny_model_dir, tmp_path, rslora):
+    """--gguf-adapter on a QLoRA adapter ships the base as trained beside the LoRA and gates the pair through
+    llama.cpp at the f32 limits; the same LoRA over the original base is shown, ungated, far outside them."""
+    adapter = tmp_path / "adapter"
+    make_adapter(tiny_model_dir, adapter, trained_on="nf4", seed=3, use_rslora=rslora, r=4, alpha=8)
+    out = tmp_path / "dist"
+    rc = main(["export", str(adapter), "--out", str(out), "--gguf", "--quant", "f32", "--gguf-adapter",
+               "--gen-tokens", "4"])
+    by = {t["name"]: t for t in _report(out)["targets"]}
+    assert rc == 0, {k: t["failures"] for k, t in by.items()}
+    pair = by["base-as-trained-f32.gguf + model-lora-f32.gguf"]
+    assert pair["gated"] and pair["passed"] and pair["metrics"]["kld_mean"] <= 1e-4, pair
+    naive = by["original-base + model-lora-f32.gguf"]
+    assert not naive["gated"] and "ungated" in naive["note"]
+    assert naive["metrics"]["kld_mean"] > 100 * pair["metrics"]["kld_mean"], (naive["metrics"], pair["metrics"])
+    assert "original-base + model-lora-f32.gguf" in (out / "report.md").read_text()
+    kinds = {a["kind"]: a["path"] for a in json.loads((out / "lorax.json").read_text())["artifacts"]}
+    assert kinds["base"] == "base-as-trained-f32.gguf" and kinds["lora"] == "model-lora-f32.gguf"
+    # the pair can be checked again by hand, as a user would
+    assert main(["check", str(adapter), str(out / "base-as-trained-f32.gguf"), "--lora",
+                 str(out / "model-lora-f32.gguf"), "--report", str(tmp_path / "r")]) == 0
+
+
+def test_small_prompt_set_honest_export_passes(adapter, tmp_path):
+    """4 chat prompts with answers (~100 positions): p99 is then the maximum, so tail limits are reported but
+    not applied; an honest export passes, and the report says why p99 was not gated."""
+    prompts = tmp_path / "four.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in [("Name a city.", "Paris."), ("Count to three.", "one two three"),
+                         ("What color is the sky?", "blue"), ("Say hi.", "hi")]]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "dist"
+    rc = main(["export", str(adapter), "--out", str(out), "--gguf", "--quant", "f32", "--prompts", str(prompts)])
+    rep = _report(out)
+    assert rc == 0 and rep["samples"] == 4 and rep["tokens"] < 400
+    for t in rep["targets"]:
+        assert "kld_p99" not in t["thresholds"] and any("kld_p99" in u for u in t["untested"]), t
+    assert "Limits not applied" in (out / "report.md").read_text()
+
+
+def test_a_target_that_cannot_run_is_a_failed_row_and_the_rest_are_measured(adapter, dist, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "onnx-damaged"
+    shutil.copytree(dist / "onnx", broken)
+    model = broken / "model.onnx"
+    model.write_bytes(model.read_bytes()[:4096])  # metadata says float32; onnxruntime cannot load it
+    rc = main(["check", str(adapter), str(broken), str(dist / "model-f32.gguf"), "--report", str(tmp_path / "r")])
+    by = {t["name"]: t for t in _report(tmp_path / "r")["targets"]}
+    assert rc == 1
+    bad = by["onnx:onnx-damaged"]
+    assert not bad["passed"] and bad["failures"][0].startswith("could not be measured"), bad
+    assert by["model-f32.gguf"]["passed"] and by["model-f32.gguf"]["metrics"]["kld_mean"] <= 1e-4
+    # a GGUF damaged in its header is bad input, refused before the gate runs: one line, exit 2
+    truncated = tmp_path / "truncated-f32.gguf"
+    truncated.write_bytes((dist / "model-f32.gguf").read_bytes()[:20000])
+    capsys.readouterr()
+    assert main(["check", str(adapter), str(truncated)]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable GGUF" in err and "Traceback" not in err
+
+
+def test_export_of_a_plain_peft_double_quant_adapter_needs_and_takes_double_quant(tiny_model_dir, tmp_path):
+    """Without lorax.json, --trained-on nf4 alone rebuilds a merge and a reference that agree with each other
+    but not with the trained model; --double-quant (now on export/check too) makes both exact."""
+    from adapters import logits, sample_ids
+
+    from formats.hf import HFRunner
+
+    adapter = tmp_path / "peft"
+    trained = make_adapter(tiny_model_dir, adapter, trained_on="nf4", double_quant=True, seed=5, lorax_json=False)
+    ids = sample_ids(tiny_model_dir)
+    truth = logits(trained, ids)
+    gaps = {}
+    for flag in ([], ["--double-quant"]):
+        out = tmp_path / f"dist{len(flag)}"
+        assert main(["export", str(adapter), "--out", str(out), "--gguf", "--quant", "f32", "--trained-on", "nf4",
+                     *flag, "--gen-tokens", "4"]) == 0
+        merged = HFRunner(out / "merged")
+        gaps[bool(flag)] = max(float(abs(merged.logits(i) - t).max()) for i, t in zip(ids, truth, strict=True))
+    assert gaps[True] <= 1e-4 < gaps[False], gaps
+
+
+def test_baseline_compare_reuses_the_saved_sample_selection(adapter, dist, tmp_path, capsys):
+    prompts, golden, gguf = adapter / "eval.jsonl", tmp_path / "golden.json", dist / "model-f32.gguf"
+    assert main(["baseline", "save", str(gguf), "--prompts", str(prompts), "--tokenizer", str(dist / "merged"),
+                 "--max-samples", "2", "--out", str(golden)]) == 0
+    data = json.loads(golden.read_text())
+    assert len(data["sequences"]) == 2 and data["selection"]["max_samples"] == 2
+    capsys.readouterr()
+    assert main(["baseline", "compare", str(gguf), "--baseline", str(golden), "--prompts", str(prompts)]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["kld_mean"] < 1e-6
