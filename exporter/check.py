@@ -60,14 +60,14 @@ def reference_runner(source: str | Path, opts: GateOptions):
     raise LoraxError(f"{source}: neither an adapter dir (adapter_config.json) nor an HF model dir (config.json)")
 
 
-def lora_pairing(source: Path, lora: Path, floor) -> Target:
+def lora_pairing(lora: Path, floor) -> Target:
     """The same LoRA GGUF over a GGUF of the original base: ungated, to show the cost of the wrong base."""
     from formats.gguf.runner import GGUFRunner
 
     def opener():
         return GGUFRunner(floor.original_base_gguf(), lora_path=lora, name=f"original base + {lora.name}")
 
-    return Target(f"original-base + {lora.name}", "gguf", "f32", source, lora=lora, gated=False, opener=opener,
+    return Target(f"original-base + {lora.name}", "gguf", "f32", lora, lora=lora, gated=False, opener=opener,
                   note="ungated: the LoRA over a GGUF of the original (unquantized) base, the naive merge "
                        "llama.cpp computes when the LoRA is paired with the wrong base")
 
@@ -79,7 +79,7 @@ def _targets(source: Path, artifacts: list, opts: GateOptions, floor) -> list[Ta
     for t in targets:
         lookup(t.format, t.dtype)  # a type without a threshold row is refused before anything runs
     if lora is not None and floor is not None and floor.adapter_dir is not None and _trained_quantized(source, opts):
-        targets.append(lora_pairing(source, lora, floor))
+        targets.append(lora_pairing(lora, floor))
     return targets
 
 

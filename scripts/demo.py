@@ -70,16 +70,21 @@ def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
     report = json.loads((dist / "report.json").read_text()) if (dist / "report.json").exists() else {"targets": []}
     by_path = {Path(t["path"]).resolve(): t for t in report["targets"]}
 
-    artifacts: list[tuple[str, object, Path | None]] = [("base (no adapter)", HFRunner(base), base),
-                                                        ("PEFT adapter (reference)", ref, adapter)]
+    # (label, opener, path): each artifact is loaded for its row only, then closed
+    artifacts: list[tuple[str, object, Path | None]] = [("base (no adapter)", lambda: HFRunner(base), base),
+                                                        ("PEFT adapter (reference)", lambda: ref, adapter)]
+    lora = next(iter(dist.glob("*-lora-*.gguf")), None)
     for path in [dist / "merged", *sorted(dist.glob("*.gguf")), dist / "onnx"]:
-        if path.exists():
-            t = open_target(path)
-            artifacts.append((f"{t.format} {t.dtype}" + (" (merged)" if t.format == "hf" else ""), t.open(), path))
+        if path.exists() and path != lora:
+            t = open_target(path, lora if path.name.startswith("base-as-trained-") else None)
+            label = f"{t.format} {t.dtype}" + {"hf": " (merged)", "gguf": " + LoRA GGUF" if t.lora else ""}.get(
+                t.format, "")
+            artifacts.append((label, t.open, path))
 
     rows_out = []
-    for label, runner, path in artifacts:
+    for label, opener, path in artifacts:
         print(f"  evaluating {label} ...", flush=True)
+        runner = opener()
         if hasattr(runner, "generate_batch"):
             gens = runner.generate_batch([s.prompt_ids for s in samples], budget)
         else:
@@ -96,6 +101,8 @@ def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
             p = metrics.compare(ref_logits, [runner.logits(s.ids) for s in kld_samples], [s.ids for s in kld_samples])
             row.update(kld_mean=p.kld_mean, top1=p.top1)
         rows_out.append(row)
+        if runner is not ref:
+            runner.close()
     return {"gate_passed": report.get("passed"), "eval_samples": len(samples), "rows": rows_out}
 
 
@@ -151,9 +158,9 @@ def main() -> int:
     if rc != 0:
         return rc
 
-    stage("4/5 lorax export: merge -> GGUF q8_0 + q4_k_m" + ("" if args.no_onnx else " + ONNX") + " -> parity gate")
+    stage("4/5 lorax export: merge -> GGUF q8_0 + q4_k_m + LoRA GGUF" + ("" if args.no_onnx else " + ONNX") + " -> parity gate")
     export_args = ["export", str(adapter), "--out", str(dist), "--gguf", "--quant", "q8_0", "--quant", "q4_k_m",
-                   "--max-samples", str(args.gate_samples), "--force"]
+                   "--gguf-adapter", "--max-samples", str(args.gate_samples), "--force"]
     if not args.no_onnx:
         export_args.append("--onnx")
     gate_rc = lorax(*export_args)

@@ -113,7 +113,7 @@ def test_lorax_json_records_what_was_loaded(trained, tiny_model_dir, chat_file):
     assert (rec["base"]["storage_dtype"], rec["base"]["architecture"]) == ("float32", "llama")
     assert rec["quantization"] == {"method": "bnb-4bit", "quant_type": "nf4", "blocksize": 64, "double_quant": True,
                                    "compute_dtype": "float32", "quant_storage": "uint8", "unquantized_dtype": "float32",
-                                   "load_dtype": "float32"}
+                                   "load_dtype": "float32", "torch_threads": torch.get_num_threads()}
     assert rec["lora"] == {"r": 8, "alpha": 16, "dropout": 0.05, "use_rslora": False, "modules_to_save": None,
                            "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]}
     assert rec["data"]["sha256"] == hashlib.sha256(chat_file.read_bytes()).hexdigest()
