@@ -11,6 +11,9 @@ Output layout:
 
 Artifacts are built in a temp dir that becomes `dist/` only when all writers succeeded; the gate
 runs after that, so a failed gate leaves the files and the report for inspection (and exits 1).
+`dist/` is locked for the whole run, must not overlap any input, and until the gate ends its lorax.json
+says `"gate": {"status": "pending"}`: rerunning the same command after a kill finishes it
+(exporter.publish).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pathlib import Path
 
 from exporter import __version__
 from exporter.errors import LoraxError
+from exporter.publish import export_inputs, pending, pending_gate, request_of, write_json_atomic
 from formats.fsutil import atomic_dir, sha256_file
+from lorax_common.outputs import OutputLock, output_lock, refuse_overlap
 
 
 @dataclass
@@ -57,10 +62,22 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
         raise LoraxError("nothing to export; pass --gguf and/or --onnx")
     if not source.is_dir():
         raise LoraxError(f"{source}: no such directory; pass an adapter dir (from lorax train) or an HF model dir")
+    refuse_overlap(out_dir, export_inputs(source, opts))  # with or without --force
+    with output_lock(out_dir) as lock:  # for the whole run: a second export to the same --out fails at once
+        artifacts = pending_gate(out_dir, source, opts)  # a killed run's build whose gate never ran
+        if artifacts is None:
+            artifacts = build(source, out_dir, opts, lock)
+        if not opts.check:
+            return None
+        return gate(source, out_dir, artifacts, opts)
+
+
+def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) -> list[Path]:
+    """Every writer into a staging dir that becomes out_dir whole; returns the artifacts to gate."""
     artifacts: list[Path] = []
     record: dict = {"kind": "export", "lorax_version": __version__, "source": str(source.resolve()),
                     "created": datetime.now(UTC).isoformat(timespec="seconds"), "artifacts": []}
-    with atomic_dir(out_dir, force=opts.force) as tmp:
+    with atomic_dir(out_dir, force=opts.force, lock=lock) as tmp:
         if is_adapter(source):
             from exporter.merge import merge_adapter
 
@@ -92,16 +109,19 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
         for p in sorted(tmp.rglob("*")):
             if p.is_file() and p.suffix != ".gguf" and p.name != "lorax.json":
                 record.setdefault("files", {})[str(p.relative_to(tmp))] = sha256_file(p)
+        record.update(request=request_of(source, opts), gate=pending(artifacts, out_dir, opts.check))
         (tmp / "lorax.json").write_text(json.dumps(record, indent=2) + "\n")
-    if not opts.check:
-        return None
+    return artifacts
+
+
+def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions):
     from exporter.check import check
 
     report = check(source, artifacts, base=opts.base, trained_on=opts.trained_on, prompts=opts.prompts,
                    report_dir=out_dir, gen_tokens=opts.gen_tokens, max_samples=opts.max_samples,
                    overrides=opts.overrides, raise_on_fail=False, floor=opts.floor)
     meta = json.loads((out_dir / "lorax.json").read_text())
-    meta["gate"] = {"passed": report.passed, "report": "report.md",
-                    "targets": {t.name: t.passed for t in report.targets}}
-    (out_dir / "lorax.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta["gate"] = {"status": "passed" if report.passed else "failed", "passed": report.passed,
+                    "report": "report.md", "targets": {t.name: t.passed for t in report.targets}}
+    write_json_atomic(out_dir / "lorax.json", meta)  # a kill here leaves "pending", which a rerun finishes
     return report
