@@ -9,8 +9,8 @@
 
 The lock is `fcntl.flock` on a sibling `.NAME.lock` (the kernel drops it when a process dies, even by
 kill -9, so a dead run never blocks the next one). Taking it also sweeps what killed runs left for this
-output: `.NAME.XXXXXXXX.tmp` staging and `.NAME.old-PID` beside it, `.gguf-XXXXXXXX.tmp` and
-`.FILE.PID.part` inside it. Only
+output: `.NAME.XXXXXXXX.tmp` staging and `.NAME.old-PID` beside it, hidden `.*.tmp`/`.*.part` inside
+it (`.gguf-XXXXXXXX.tmp`, half-replaced reports). Only
 the lock holder sweeps, so a live run's staging is never touched.
 """
 
@@ -45,8 +45,9 @@ def _staging_patterns(name: str) -> tuple[re.Pattern[str], ...]:
     return re.compile(rf"^\.{n}\.[a-z0-9_]{{8}}\.tmp$"), re.compile(rf"^\.{n}\.old-\d+$")
 
 
-# staging that lives inside an out dir: formats.gguf.export's, and exporter.publish's JSON replacements
-INSIDE_STAGING = (re.compile(r"^\.gguf-[a-z0-9_]{8}\.tmp$"), re.compile(r"^\.[^/]+\.\d+\.part$"))
+# staging inside a published out dir (formats.gguf.export's `.gguf-*.tmp`, report and lorax.json
+# replacements): hidden and ending .tmp/.part, so no finished file of a run is ever matched
+INSIDE_STAGING = (re.compile(r"^\..+\.(tmp|part)$"),)
 
 
 def umask() -> int:
