@@ -355,10 +355,10 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, merge_base: str 
     from lorax_common.outputs import output_lock, refuse_overlap
 
     out_dir = Path(out_dir)
-    refuse_existing(out_dir, force)  # before any heavy work; atomic_dir checks again
     info = read_adapter(adapter_dir, trained_on, double_quant, base_dir)
     # --force replaces the output, never an input: `--out base/` would delete the base mid-merge
     refuse_overlap(out_dir, [info.adapter_dir, info.base_dir])
+    refuse_existing(out_dir, force)  # before any heavy work; atomic_dir checks again
     with output_lock(out_dir) as lock:  # for the whole run: a second merge to the same --out fails at once
         mode = resolve_merge_base(merge_base, info)
         out_dtype = dtype or base_storage_dtype(info.base_dir)

@@ -265,5 +265,5 @@ def check_writable_dir(path: str | Path, flag: str) -> None:
         with tempfile.TemporaryFile(dir=probe_dir):
             pass
     except OSError as e:
-        hint = WRITE_ERRNOS.get(e.errno, "choose another directory")
+        hint = WRITE_ERRNOS.get(e.errno, "choose another directory").replace("--out", flag)
         raise UserError(f"{flag} {path} is not writable ({e.strerror} in {probe_dir}); {hint}") from None
