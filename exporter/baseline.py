@@ -11,7 +11,6 @@ distribution, a lower bound of the full KLD that needs no full-vocabulary logits
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from exporter.errors import LoraxError
 from exporter.metrics import greedy_match, log_softmax
 from exporter.samples import Sample, fingerprint
+from lorax_common.files import read_json_object
 
 FORMAT_VERSION = 1
 
@@ -58,12 +58,9 @@ def save(runner, samples: list[Sample], artifact: str, gen_tokens: int = 16, k: 
 
 def load(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoraxError(f"{path}: no such baseline; make one with `lorax baseline save`") from None
-    except json.JSONDecodeError as e:
-        raise LoraxError(f"{path}: not a baseline JSON file ({e.msg} at line {e.lineno})") from None
+    if not path.is_file():
+        raise LoraxError(f"{path}: no such baseline; make one with `lorax baseline save`")
+    data = read_json_object(path, "a baseline from `lorax baseline save`")
     if data.get("format_version") != FORMAT_VERSION or "sequences" not in data:
         raise LoraxError(f"{path}: not a lorax baseline (format_version {data.get('format_version')!r}, "
                          f"expected {FORMAT_VERSION}); re-save it with `lorax baseline save`")

@@ -33,10 +33,22 @@ def command() -> None:
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False),
               help="HF dir whose tokenizer/chat template renders the prompts (default: the artifact's own).")
-@click.option("--gen-tokens", default=16, show_default=True)
-@click.option("--max-samples", type=int, default=None)
+@click.option("--gen-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), default=None)
 @click.option("--force", is_flag=True, help="Replace an existing baseline file.")
 def save_cmd(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples, force) -> None:
+    from exporter.preflight import check_artifacts
+    from formats.fsutil import refuse_existing
+    from lorax_common.outputs import output_lock, refuse_overlap
+
+    refuse_overlap(out_path, [artifact, prompts, tokenizer_dir])  # --force replaces the baseline, never an input
+    refuse_existing(out_path, force)  # before the artifact runs, not after
+    check_artifacts([artifact])
+    with output_lock(out_path) as lock:
+        _save(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples, force, lock)
+
+
+def _save(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples, force, lock) -> None:
     from exporter import baseline
     from exporter.samples import build, load_rows
     from exporter.targets import open_target
@@ -51,7 +63,7 @@ def save_cmd(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples
         runner.close()
     # how the samples were chosen, so compare --prompts rebuilds exactly these
     data["selection"] = {"prompts": str(prompts), "max_samples": max_samples, "tokenizer": tokenizer_dir}
-    with atomic_file(out_path, force=force) as tmp:
+    with atomic_file(out_path, force=force, lock=lock) as tmp:
         tmp.write_text(json.dumps(data) + "\n")
     click.echo(f"baseline of {artifact}: {len(samples)} sequences, {sum(len(s.ids) for s in samples)} tokens "
                f"-> {out_path}")
@@ -67,11 +79,13 @@ def save_cmd(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples
 def compare_cmd(artifact, baseline_path, prompts, tokenizer_dir, thresholds) -> None:
     from exporter import baseline
     from exporter.errors import GateFailed, LoraxError
+    from exporter.preflight import check_artifacts
     from exporter.samples import build, load_rows
     from exporter.targets import open_target
     from exporter.thresholds import DRIFT_THRESHOLDS, parse_overrides, violations
 
     data = baseline.load(baseline_path)
+    check_artifacts([artifact])
     samples = None
     if prompts:
         rows, _ = load_rows(prompts)

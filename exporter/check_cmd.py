@@ -20,8 +20,9 @@ import click
               help="JSONL prompts (messages / prompt+completion / text). Default: the adapter's eval.jsonl.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
               help="Write report.json, report.md and kld.svg here.")
-@click.option("--gen-tokens", default=16, show_default=True, help="Greedy tokens compared per prompt.")
-@click.option("--max-samples", type=int, default=None, help="Use at most this many prompts.")
+@click.option("--gen-tokens", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Greedy tokens compared per prompt.")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Use at most this many prompts.")
 @click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE",
               help="Override a limit for every target (e.g. kld_mean=0.2, or =none to ungate).")
 @click.option("--thresholds", "thresholds_yaml", type=click.Path(exists=True, dir_okay=False),
@@ -38,9 +39,16 @@ def command(adapter, artifacts, base, trained_on, double_quant, lora, prompts, r
     when that control passed, and never past the cap in exporter/thresholds.py."""
     from exporter.check import GateOptions, check
     from exporter.errors import LoraxError
+    from exporter.preflight import check_artifacts, check_thresholds_yaml
     from exporter.report import to_markdown
     from exporter.thresholds import parse_overrides
+    from lorax_common.outputs import check_writable_dir
 
+    # bad inputs and an unwritable --report fail now, not after the whole gate ran
+    if report_dir:
+        check_writable_dir(report_dir, "--report")
+    check_thresholds_yaml(thresholds_yaml)
+    check_artifacts(list(artifacts))
     try:
         overrides = parse_overrides(thresholds, thresholds_yaml)
     except ValueError as e:

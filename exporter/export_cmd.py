@@ -31,15 +31,20 @@ ONNX_QUANTS = [t for t in offered("onnx") if lookup("onnx", t).quantized]
               help="Merged weights dtype (default: the dtype training computed in, so the merge is exact).")
 @click.option("--no-check", is_flag=True, help="Skip the parity gate (not recommended).")
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="Gate prompts (default: eval.jsonl).")
-@click.option("--max-samples", type=int, default=None, help="Gate on at most this many prompts.")
-@click.option("--gen-tokens", default=16, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Gate on at most this many prompts.")
+@click.option("--gen-tokens", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Greedy tokens compared per prompt.")
 @click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE")
 @click.option("--floor", type=click.Choice(["auto", "always", "off"]), default="auto", show_default=True,
               help="Quantization floor of lossy GGUF/ONNX types (see `lorax check --help`).")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (never an input: --out may not "
+              "overlap the adapter, its base or --prompts).")
 def command(source, out_dir, gguf, quants, gguf_adapter, onnx, onnx_dtype, onnx_quant, merge_base, trained_on,
             double_quant, base, dtype, no_check, prompts, max_samples, gen_tokens, thresholds, floor, force) -> None:
-    """Merge SOURCE (adapter dir or HF model dir), write GGUF/ONNX into DIR, and gate every artifact."""
+    """Merge SOURCE (adapter dir or HF model dir), write GGUF/ONNX into DIR, and gate every artifact.
+
+    Killed during the gate? Run the same command again: DIR's lorax.json says the gate is pending and
+    the rerun gates the files already built."""
     from exporter.errors import GateFailed, LoraxError
     from exporter.pipeline import ExportOptions, export
     from exporter.report import to_markdown

@@ -360,38 +360,42 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, merge_base: str 
     from exporter.merge_io import base_tensors, write_support_files
     from exporter.reference import FLOAT_DTYPES, base_layout, read_adapter
     from formats.fsutil import atomic_dir, refuse_existing
+    from lorax_common.outputs import output_lock, refuse_overlap
 
     out_dir = Path(out_dir)
-    refuse_existing(out_dir, force)  # before any heavy work; atomic_dir checks again
     info = read_adapter(adapter_dir, trained_on, double_quant, base_dir)
-    mode = resolve_merge_base(merge_base, info)
-    out_dtype = dtype or default_dtype(info)
-    if out_dtype not in FLOAT_DTYPES:
-        raise LoraxError(f"--dtype {out_dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
-    adapter = load_file(info.adapter_dir / "adapter_model.safetensors") if adapter_weights else {}
-    base = base_tensors(info.base_dir)
-    layout = base_layout(info.base_dir, info.trained_on)
-    # Every refusal the plan can raise happens here, before anything is written.
-    plans = {m: build_plan(info, adapter, base, layout, m)
-             for m in (("quantized", "original") if mode == "auto" else (mode,))}
-    torch_dtype = getattr(torch, out_dtype)
-    # Hashing the base overlaps the merge (hashlib and file reads release the GIL); checked before the rename.
-    checker, stop = ThreadPoolExecutor(1, thread_name_prefix="lorax-verify"), threading.Event()
-    verified = checker.submit(verify_base, info, stop) if verify else None
-    try:
-        with atomic_dir(out_dir, force) as tmp:
-            dirs = {m: (tmp / f".candidate-{m}" if mode == "auto" else tmp) for m in plans}
-            digests = {}
-            for m, plan in plans.items():
-                dirs[m].mkdir(exist_ok=True)
-                digests[m] = write_weights(plan, info, dirs[m], torch_dtype, max_shard_bytes, progress)
-                write_support_files(info, dirs[m], out_dtype, plan.untied)
-            if verified is not None:
-                verified.result()
-            _finish(info, mode, merge_base, out_dtype, plans, dirs, digests, tmp)
-    finally:
-        stop.set()  # a failed merge does not wait for the hash
-        checker.shutdown(wait=False, cancel_futures=True)
+    # --force replaces the output, never an input: `--out base/` would delete the base mid-merge
+    refuse_overlap(out_dir, [info.adapter_dir, info.base_dir])
+    refuse_existing(out_dir, force)  # before any heavy work; atomic_dir checks again
+    with output_lock(out_dir) as lock:  # for the whole run: a second merge to the same --out fails at once
+        mode = resolve_merge_base(merge_base, info)
+        out_dtype = dtype or default_dtype(info)
+        if out_dtype not in FLOAT_DTYPES:
+            raise LoraxError(f"--dtype {out_dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+        adapter = load_file(info.adapter_dir / "adapter_model.safetensors") if adapter_weights else {}
+        base = base_tensors(info.base_dir)
+        layout = base_layout(info.base_dir, info.trained_on)
+        # Every refusal the plan can raise happens here, before anything is written.
+        plans = {m: build_plan(info, adapter, base, layout, m)
+                 for m in (("quantized", "original") if mode == "auto" else (mode,))}
+        torch_dtype = getattr(torch, out_dtype)
+        # Hashing the base overlaps the merge (hashlib and file reads release the GIL); checked before the rename.
+        checker, stop = ThreadPoolExecutor(1, thread_name_prefix="lorax-verify"), threading.Event()
+        verified = checker.submit(verify_base, info, stop) if verify else None
+        try:
+            with atomic_dir(out_dir, force, lock=lock) as tmp:
+                dirs = {m: (tmp / f".candidate-{m}" if mode == "auto" else tmp) for m in plans}
+                digests = {}
+                for m, plan in plans.items():
+                    dirs[m].mkdir(exist_ok=True)
+                    digests[m] = write_weights(plan, info, dirs[m], torch_dtype, max_shard_bytes, progress)
+                    write_support_files(info, dirs[m], out_dtype, plan.untied)
+                if verified is not None:
+                    verified.result()
+                _finish(info, mode, merge_base, out_dtype, plans, dirs, digests, tmp)
+        finally:
+            stop.set()  # a failed merge does not wait for the hash
+            checker.shutdown(wait=False, cancel_futures=True)
     return out_dir
 
 

@@ -25,6 +25,7 @@ import torch
 
 from exporter.errors import LoraxError
 from exporter.reference import AdapterInfo
+from lorax_common.files import read_json_object, weight_files
 
 # torch dtype -> safetensors dtype code
 ST_DTYPES: dict[torch.dtype, str] = {
@@ -54,12 +55,8 @@ def base_tensors(model_dir: Path) -> list[tuple[Path, str, tuple[int, ...], torc
     """(file, key, shape, dtype) of every tensor of an HF checkpoint, shard by shard, in file order."""
     from safetensors import safe_open
 
-    index = model_dir / INDEX_NAME
-    if index.exists():
-        files = sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (model_dir / "model.safetensors").exists():
-        files = [model_dir / "model.safetensors"]
-    else:
+    files = weight_files(model_dir)  # index entries inside the dir, headers that fit their files
+    if not files:
         raise LoraxError(f"{model_dir} has no model.safetensors (or index); convert the base to safetensors first")
     code_to_dtype = {v: k for k, v in ST_DTYPES.items()}
     out = []
@@ -214,7 +211,7 @@ def write_support_files(info: AdapterInfo, out_dir: Path, out_dtype: str, untied
     """config (no quantization settings, legacy keys), generation config, tokenizer and chat template."""
     from formats.hf_compat import patch_dir
 
-    cfg = json.loads((info.base_dir / "config.json").read_text())
+    cfg = read_json_object(info.base_dir / "config.json", "a Hugging Face model config")
     cfg.pop("quantization_config", None)
     cfg["dtype"] = cfg["torch_dtype"] = out_dtype  # transformers 5 reads dtype, 4.x torch_dtype
     if untied:

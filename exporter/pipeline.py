@@ -13,6 +13,9 @@ Output layout:
 
 Artifacts are built in a temp dir that becomes `dist/` only when all writers succeeded; the gate
 runs after that, so a failed gate leaves the files and the report for inspection (and exits 1).
+`dist/` is locked for the whole run, must not overlap any input, and until the gate ends its lorax.json
+says `"gate": {"status": "pending"}`: rerunning the same command after a kill finishes it
+(exporter.publish).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from pathlib import Path
 
 from exporter import __version__
 from exporter.errors import LoraxError
+from exporter.publish import export_inputs, pending, pending_gate, request_of, write_json_atomic
 from formats.fsutil import atomic_dir, sha256_file
+from lorax_common.outputs import OutputLock, output_lock, refuse_overlap
 
 
 @dataclass
@@ -93,11 +98,22 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
     """Build every requested artifact, then gate them. Returns the gate Report (or None with --no-check)."""
     source, out_dir = Path(source), Path(out_dir)
     opts = validate(source, opts)
-    artifacts: list = []
-    lora: Path | None = None
+    refuse_overlap(out_dir, export_inputs(source, opts))  # with or without --force
+    with output_lock(out_dir) as lock:  # for the whole run: a second export to the same --out fails at once
+        artifacts = pending_gate(out_dir, source, opts)  # a killed run's build whose gate never ran
+        if artifacts is None:
+            artifacts = build(source, out_dir, opts, lock)
+        if not opts.check:
+            return None
+        return gate(source, out_dir, artifacts, opts)
+
+
+def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) -> list[Path]:
+    """Every writer into a staging dir that becomes out_dir whole; returns the artifacts to gate."""
+    artifacts: list[Path] = []
     record: dict = {"kind": "export", "lorax_version": __version__, "source": str(source.resolve()),
                     "created": datetime.now(UTC).isoformat(timespec="seconds"), "artifacts": []}
-    with atomic_dir(out_dir, force=opts.force) as tmp:
+    with atomic_dir(out_dir, force=opts.force, lock=lock) as tmp:
         if is_adapter(source):
             from exporter.merge import merge_adapter
 
@@ -120,12 +136,8 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
             for kind, qtype, path, digest in files:
                 record["artifacts"].append({"format": "gguf", "kind": kind, "type": qtype, "path": path.name,
                                             "sha256": digest})
-                if kind == "model":
+                if kind in ("model", "base"):  # the base is gated with the LoRA applied (see gate())
                     artifacts.append(out_dir / path.name)
-                elif kind == "lora":
-                    lora = out_dir / path.name
-                else:
-                    artifacts.append(out_dir / path.name)  # the base, gated with the LoRA applied (opts.lora)
             record["warnings"] = list(result.warnings)
         if opts.onnx:
             from formats.onnx.export import export_onnx
@@ -135,28 +147,28 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
         for p in sorted(tmp.rglob("*")):
             if p.is_file() and p.suffix != ".gguf" and p.name != "lorax.json":
                 record.setdefault("files", {})[str(p.relative_to(tmp))] = sha256_file(p)
+        record.update(request=request_of(source, opts), gate=pending(artifacts, out_dir, opts.check))
         (tmp / "lorax.json").write_text(json.dumps(record, indent=2) + "\n")
-    if not opts.check:
-        return None
-    report = gate(source, out_dir, artifacts, lora, opts)
-    return report
+    return artifacts
 
 
-def gate(source: Path, out_dir: Path, artifacts: list[Path], lora: Path | None, opts: ExportOptions):
+def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions):
     """Gate the published artifacts; the LoRA GGUF is measured on the base-as-trained GGUF it ships with."""
     from exporter.check import GateOptions, check
     from exporter.targets import open_target
 
-    base_ggufs = [p for p in artifacts if p.name.startswith("base-as-trained-")]
-    targets = [open_target(p, lora if p in base_ggufs else None) for p in artifacts]
+    record = json.loads((out_dir / "lorax.json").read_text())
+    kinds = {a["path"]: a["kind"] for a in record.get("artifacts", [])}
+    lora = next((out_dir / p for p, k in kinds.items() if k == "lora"), None)
+    targets = [open_target(p, lora if kinds.get(p.name) == "base" else None) for p in artifacts]
     merged = out_dir / "merged" if is_adapter(source) else source
     gopts = GateOptions(base=opts.base, trained_on=opts.trained_on, double_quant=opts.double_quant,
                         prompts=opts.prompts, report_dir=out_dir, gen_tokens=opts.gen_tokens,
                         max_samples=opts.max_samples, overrides=opts.overrides, floor=opts.floor, lora=lora,
                         merged_dir=merged)
     report = check(source, targets, gopts)
-    meta = json.loads((out_dir / "lorax.json").read_text())
-    meta["gate"] = {"passed": report.passed, "report": "report.md",
-                    "targets": {t.name: t.passed for t in report.targets}}
-    (out_dir / "lorax.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = record
+    meta["gate"] = {"status": "passed" if report.passed else "failed", "passed": report.passed,
+                    "report": "report.md", "targets": {t.name: t.passed for t in report.targets}}
+    write_json_atomic(out_dir / "lorax.json", meta)  # a kill here leaves "pending", which a rerun finishes
     return report

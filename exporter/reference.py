@@ -12,12 +12,13 @@ adapter on top; every artifact is measured against it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from exporter.errors import LoraxError
+from lorax_common.errors import UserError
+from lorax_common.files import check_tokenizer_files, read_json_object, safetensors_header, weight_files
 
 TRAINED_ON = ("nf4", "fp4", "none")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -90,12 +91,11 @@ class AdapterInfo:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file, or one line naming it (missing, not JSON, not UTF-8, a list instead of an object)."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoraxError(f"{path} is missing: {what}") from None
-    except json.JSONDecodeError as e:
-        raise LoraxError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or regenerate it") from None
+        return read_json_object(path, what)
+    except UserError as e:
+        raise LoraxError(str(e)) from None
 
 
 def check_peft_config(cfg: dict[str, Any], where: Path) -> None:
@@ -142,17 +142,24 @@ def read_adapter(adapter_dir: str | Path, trained_on: str | None = None, double_
     if not (adapter_dir / ADAPTER_WEIGHTS).exists():
         raise LoraxError(f"{adapter_dir / ADAPTER_WEIGHTS} is missing; save the adapter with safetensors "
                          "(PEFT's default) and try again")
+    safetensors_header(adapter_dir / ADAPTER_WEIGHTS)
+    check_tokenizer_files(adapter_dir)  # merge ships these files: a broken one is refused, not copied
     meta = None
     if (adapter_dir / "lorax.json").exists():
-        meta = _read_json(adapter_dir / "lorax.json", "")
+        meta = _read_json(adapter_dir / "lorax.json", "the adapter's training record")
         if meta.get("kind") != "adapter":
             raise LoraxError(f"{adapter_dir / 'lorax.json'} has kind {meta.get('kind')!r}, not 'adapter'; "
                              "pass the adapter directory, not a merged model")
-    base = Path(base_dir) if base_dir else Path(
-        (meta or {}).get("base", {}).get("path") or cfg.get("base_model_name_or_path") or "")
+    recorded_base = ((meta or {}).get("base") or {}).get("path") or cfg.get("base_model_name_or_path")
+    if not base_dir and not recorded_base:
+        # Path("") is ".": without this, a run from inside some model dir would merge against that model
+        raise LoraxError(f"{adapter_dir} records no base model (no base_model_name_or_path in adapter_config.json, "
+                         "no lorax.json); pass --base DIR")
+    base = Path(base_dir or recorded_base)
     if not base.is_dir() or not (base / "config.json").exists():
-        raise LoraxError(f"base model {str(base) or '(none recorded)'} is not a local model directory; "
-                         "pass --base DIR")
+        raise LoraxError(f"base model {base} is not a local model directory; pass --base DIR")
+    weight_files(base)  # index entries inside the dir, headers that fit their files
+    check_tokenizer_files(base)
     storage = base_storage_dtype(base)
     if meta is not None:
         recorded = trained_on_from_lorax(meta, storage)
@@ -271,9 +278,9 @@ def calibration_ids(info: AdapterInfo, tokenizer, n: int = 8, max_tokens: int = 
     texts: list[str] = []
     eval_file = info.adapter_dir / ((info.lorax or {}).get("data", {}).get("eval_file") or "eval.jsonl")
     if eval_file.exists():
-        for line in eval_file.read_text().splitlines():
-            if line.strip() and len(texts) < n:
-                texts.append(_example_text(json.loads(line), tokenizer))
+        from train.data import load
+
+        texts = [_example_text(row, tokenizer) for row in load(eval_file).rows[:n]]  # errors name file and line
     texts = texts or list(CALIBRATION_PROMPTS[:n])
     ids = [list(tokenizer(t)["input_ids"])[:max_tokens] for t in texts]
     return [i for i in ids if len(i) >= 2]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from formats.runner import greedy_loop
+from lorax_common.files import check_tokenizer_files, read_json_object, weight_files
 
 
 class HFRunner:
@@ -22,6 +23,11 @@ class HFRunner:
 
         self.name = name or f"hf:{Path(model_dir).name}"
         self.path = Path(model_dir)
+        if tokenizer is None:
+            check_tokenizer_files(self.path)  # the error names the broken file, not a bare JSONDecodeError
+        if model is None:
+            read_json_object(self.path / "config.json", "a Hugging Face model config")
+            weight_files(self.path)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
         self.model = model or AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         self.model.eval()

@@ -32,6 +32,17 @@ CLICK_TYPES: dict[str, Any] = {
 }
 
 
+def _ranged(annotation: str, rng: Any) -> click.ParamType:
+    """The click type of a field; numbers with a Range in the config table get click's range check."""
+    if rng is None or annotation not in ("int", "float"):
+        return CLICK_TYPES[annotation]
+    cls = click.IntRange if annotation == "int" else click.FloatRange
+    kw = {"min_open": True} if rng.lo_open else {}
+    if rng.hi is not None:
+        kw["max_open"] = True
+    return cls(min=rng.lo, max=rng.hi, **kw)
+
+
 def config_options(f: Callable) -> Callable:
     """One option per config field; default None means "not given", so YAML values survive."""
     for fld in reversed(dataclasses.fields(TrainConfig)):
@@ -41,7 +52,7 @@ def config_options(f: Callable) -> Callable:
             option = click.option(f"--{flag}/--no-{flag}", fld.name, default=None, help=help_)
         else:
             choices = fld.metadata["choices"]
-            kind = click.Choice(choices) if choices else CLICK_TYPES[fld.type]
+            kind = click.Choice(choices) if choices else _ranged(fld.type, fld.metadata["range"])
             option = click.option(f"--{flag}", fld.name, type=kind, default=None, help=help_)
         f = option(f)
     return f

@@ -19,11 +19,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorax_common.files import read_utf8
 from train.errors import TrainError
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, range: Range | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "range": range})
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric key: lo <= v (lo < v when lo_open), v < hi when hi is set."""
+
+    lo: float
+    lo_open: bool = False
+    hi: float | None = None
+
+    def problem(self, v: float) -> str | None:
+        if v < self.lo or (self.lo_open and v == self.lo) or (self.hi is not None and v >= self.hi):
+            return self.text()
+        return None
+
+    def text(self) -> str:
+        low = f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
+        return low + ("" if self.hi is None else f" and < {self.hi:g}")
+
+
+POSITIVE, AT_LEAST_1, AT_LEAST_0, FRACTION = Range(0, lo_open=True), Range(1), Range(0), Range(0, hi=1)
 
 
 @dataclass
@@ -34,8 +56,9 @@ class TrainConfig:
     eval_data: str | None = _opt(None, "Held-out eval data in the same forms (default: split eval_fraction off the training data).")
     out: str | None = _opt(None, "Adapter output directory (written atomically when training ends).")
     checkpoint_dir: str | None = _opt(None, "Where checkpoints go (default: <out>.checkpoints beside the output).")
-    eval_fraction: float = _opt(0.1, "Share of the training data held out for eval (0 = no eval) when no eval_data is given.")
-    max_seq_len: int = _opt(512, "Longer examples are truncated to this many tokens (and counted).")
+    eval_fraction: float = _opt(0.1, "Share of the training data held out for eval (0 = no eval) when no eval_data is given.",
+                                range=FRACTION)
+    max_seq_len: int = _opt(512, "Longer examples are truncated to this many tokens (and counted).", range=Range(2))
     # how the base is loaded
     quant: str = _opt("nf4", "4-bit quantization of the base (bitsandbytes) or none for plain LoRA.", ("nf4", "fp4", "none"))
     double_quant: bool = _opt(True, "Quantize the 4-bit scales too (bitsandbytes double quant).")
@@ -45,29 +68,29 @@ class TrainConfig:
                            "(a bf16 load adds bf16 rounding to every 4-bit matmul on CPU).",
                            ("auto", "float32", "bfloat16", "float16"))
     # the adapter
-    rank: int = _opt(16, "LoRA rank r.")
-    alpha: int = _opt(32, "LoRA alpha (scale = alpha/r, or alpha/sqrt(r) with rslora).")
-    dropout: float = _opt(0.05, "LoRA dropout.")
+    rank: int = _opt(16, "LoRA rank r.", range=AT_LEAST_1)
+    alpha: int = _opt(32, "LoRA alpha (scale = alpha/r, or alpha/sqrt(r) with rslora).", range=AT_LEAST_1)
+    dropout: float = _opt(0.05, "LoRA dropout.", range=FRACTION)
     target_modules: list[str] | str = _opt("all-linear", "Modules to adapt: all-linear or names, e.g. q_proj,v_proj.")
     use_rslora: bool = _opt(False, "Rank-stabilized LoRA scaling alpha/sqrt(r).")
     modules_to_save: list[str] | None = _opt(None, "Modules trained in full and saved with the adapter, e.g. lm_head.")
     # the run
-    seed: int = _opt(0, "Seed for LoRA init, data order and dropout: same seed, same adapter.")
-    max_steps: int = _opt(-1, "Optimizer steps to run (-1 = use epochs).")
-    epochs: float = _opt(1.0, "Passes over the training data when max_steps is -1.")
-    lr: float = _opt(2e-4, "Peak learning rate.")
-    lr_scheduler: str = _opt("linear", "Learning-rate schedule (any transformers scheduler name).")
-    warmup_steps: int = _opt(0, "Linear warmup steps.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
+    seed: int = _opt(0, "Seed for LoRA init, data order and dropout: same seed, same adapter.", range=AT_LEAST_0)
+    max_steps: int = _opt(-1, "Optimizer steps to run (-1 = use epochs).", range=Range(-1))
+    epochs: float = _opt(1.0, "Passes over the training data when max_steps is -1.", range=POSITIVE)
+    lr: float = _opt(2e-4, "Peak learning rate.", range=POSITIVE)
+    lr_scheduler: str = _opt("linear", "Learning-rate schedule (a transformers SchedulerType name: linear, cosine, ...).")
+    warmup_steps: int = _opt(0, "Linear warmup steps.", range=AT_LEAST_0)
+    weight_decay: float = _opt(0.0, "AdamW weight decay.", range=AT_LEAST_0)
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = no clipping).", range=AT_LEAST_0)
     optim: str = _opt("adamw_torch", "Optimizer (transformers name, e.g. adamw_torch, paged_adamw_8bit on CUDA).")
-    batch_size: int = _opt(4, "Examples per device per micro-batch.")
-    grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
+    batch_size: int = _opt(4, "Examples per device per micro-batch.", range=AT_LEAST_1)
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step.", range=AT_LEAST_1)
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward: less memory, ~30% slower.")
-    logging_steps: int = _opt(10, "Log the training loss every N steps.")
-    eval_steps: int = _opt(0, "Evaluate every N steps (0 = only before and after training).")
-    save_steps: int = _opt(50, "Write a checkpoint every N steps (what --resume continues from).")
-    save_total_limit: int = _opt(2, "Keep at most this many checkpoints.")
+    logging_steps: int = _opt(10, "Log the training loss every N steps.", range=AT_LEAST_1)
+    eval_steps: int = _opt(0, "Evaluate every N steps (0 = only before and after training).", range=AT_LEAST_0)
+    save_steps: int = _opt(50, "Write a checkpoint every N steps (what --resume continues from).", range=AT_LEAST_1)
+    save_total_limit: int = _opt(2, "Keep at most this many checkpoints.", range=AT_LEAST_1)
     keep_checkpoints: bool = _opt(False, "Keep the checkpoint dir after a successful run (default: remove it).")
 
 
@@ -141,7 +164,31 @@ def parse_value(key: str, value: Any, source: str) -> Any:
     choices = f.metadata["choices"]
     if choices and value not in choices:
         raise TrainError(f"{source}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    rng = f.metadata["range"]
+    if rng is not None and (problem := rng.problem(value)):
+        raise TrainError(f"{source}: '{key}' must be {problem}, got {value!r}")
     return value
+
+
+# field -> (transformers' names for it, where they come from); checked when training starts (needs transformers)
+TRAINER_NAMES: dict[str, tuple[str, str]] = {
+    "lr_scheduler": ("transformers.trainer_utils", "SchedulerType"),
+    "optim": ("transformers.training_args", "OptimizerNames"),
+}
+
+
+def check_trainer_names(cfg: TrainConfig) -> None:
+    """--lr-scheduler / --optim must be names transformers accepts (a typo would fail deep in the Trainer)."""
+    import importlib
+
+    for key, (module, enum) in TRAINER_NAMES.items():
+        names = [str(m.value) for m in getattr(importlib.import_module(module), enum)]
+        value = getattr(cfg, key)
+        if value not in names:
+            near = difflib.get_close_matches(str(value), names, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise TrainError(f"--{key.replace('_', '-')} {value!r} is not a transformers {enum}{hint}; "
+                             f"choose one of: {', '.join(names)}")
 
 
 def check_keys(keys: list[str], source: str) -> None:
@@ -158,7 +205,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_utf8(path))  # non-UTF-8 bytes: one line naming file and line
     except FileNotFoundError:
         raise TrainError(f"config file {path} not found; check the --config path") from None
     except yaml.YAMLError as e:

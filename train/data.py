@@ -98,8 +98,13 @@ def validate(rows: Iterable[tuple[str, Any]], source: str) -> Records:
 
 
 def _jsonl_rows(path: Path):
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:  # decoded per line, so a bad byte is reported with its line number
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TrainError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

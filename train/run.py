@@ -17,16 +17,16 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lorax_common import outputs
 from train import data, lorax_json
-from train.config import TrainConfig, checkpoint_dir, require, to_dict
+from train.config import TrainConfig, check_trainer_names, checkpoint_dir, require, to_dict
 from train.errors import TrainError
 from train.model import (
     compute_dtype,
@@ -66,33 +66,6 @@ def say(msg: str, all_ranks: bool = False) -> None:
         print(f"lorax train: {msg}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def atomic_output(dest: Path, force: bool) -> Iterator[Path]:
-    """Build in a temp dir beside `dest`; rename it into place only if the block succeeds.
-
-    (`train` may not import `formats`, so this is a small local twin of formats.fsutil.atomic_dir.)
-    """
-    if dest.exists() and not force:
-        raise TrainError(f"{dest} already exists; choose another --out or pass --force to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(dest)
-
-
 def lora_digest(model) -> str:
     """sha256 over the trainable tensors: equal on every DDP rank if they trained in lockstep."""
     h = hashlib.sha256()
@@ -112,6 +85,8 @@ def check_paths(cfg: TrainConfig, resume: bool, force: bool) -> tuple[Path, Path
     from transformers.trainer_utils import get_last_checkpoint
 
     out, ckpt = Path(cfg.out), checkpoint_dir(cfg)
+    # --force replaces the output, never an input (data next to a base would go with it)
+    outputs.refuse_overlap(out, [cfg.base if Path(cfg.base).exists() else None, cfg.data, cfg.eval_data, ckpt])
     if out.exists() and not force:
         raise TrainError(f"{out} already exists; choose another --out or pass --force to replace it")
     last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
@@ -252,10 +227,18 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
 
 def train(cfg: TrainConfig, resume: bool = False, force: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult:
+    require(cfg)
+    check_trainer_names(cfg)
+    out, ckpt, last = check_paths(cfg, resume, force)
+    # rank 0 owns the output for the whole run: a second run on the same --out fails at once
+    with outputs.output_lock(out) if rank() == 0 else contextlib.nullcontext() as lock:
+        return _train(cfg, out, ckpt, last, force, callbacks, lock)
+
+
+def _train(cfg: TrainConfig, out: Path, ckpt: Path, last: str | None, force: bool, callbacks: Sequence[Any],
+           lock: outputs.OutputLock | None) -> TrainResult:
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    require(cfg)
-    out, ckpt, last = check_paths(cfg, resume, force)
     p = prepare(cfg)
 
     throughput = make_throughput_callback()
@@ -295,7 +278,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, callbacks
         training = {"steps_done": trainer.state.global_step, "tokens_seen": trainer.state.num_input_tokens_seen,
                     "resumed_from": Path(last).name if last else None, "lora_sha256": digest}
         record = build_record(cfg, p, model, training, metrics)
-        write_output(out, force, model, p.tok, p.eval_recs, record)
+        write_output(out, force, model, p.tok, p.eval_recs, record, lock)
         if not cfg.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
         say(f"wrote {out} (eval loss {metrics['eval_loss_before']} -> {metrics['eval_loss']})")
@@ -329,10 +312,10 @@ def build_record(cfg: TrainConfig, p: Prepared, model, run: dict[str, Any], metr
     )
 
 
-def write_output(out: Path, force: bool, model, tok, eval_recs: data.Records | None, record: dict[str, Any]) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    with atomic_output(out, force) as tmp:
+def write_output(out: Path, force: bool, model, tok, eval_recs: data.Records | None, record: dict[str, Any],
+                 lock: outputs.OutputLock | None = None) -> None:
+    umask = outputs.umask()
+    with outputs.atomic_dir(out, force, lock=lock) as tmp:
         model.save_pretrained(tmp)  # PEFT: adapter_config.json + adapter_model.safetensors
         tok.save_pretrained(tmp)
         if eval_recs:

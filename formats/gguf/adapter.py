@@ -10,7 +10,6 @@ Anything llama.cpp cannot apply as a low-rank delta is refused with the fix: mer
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
 from formats.errors import FormatError
 from formats.gguf import arch as archmod
 from formats.gguf.writer import TensorPlan, read_config, write_streamed
+from lorax_common.files import read_json_object, safetensors_header
 
 PREFIX = "base_model.model."
 # adapter tensor suffix -> GGUF suffix
@@ -89,7 +89,8 @@ def write_lora_gguf(adapter_dir: str | Path, base_dir: str | Path, out_path: str
     if not cfg_path.is_file() or not weights.is_file():
         raise FormatError(f"{adapter_dir}: not a PEFT adapter (needs adapter_config.json and "
                           "adapter_model.safetensors)")
-    acfg = json.loads(cfg_path.read_text())
+    acfg = read_json_object(cfg_path, "a PEFT adapter config")
+    safetensors_header(weights)
     check_adapter_config(acfg)
     cfg = read_config(Path(base_dir))
     spec, hp = archmod.arch_spec(cfg), archmod.hparams(cfg)

@@ -17,6 +17,7 @@ from pathlib import Path
 from formats.fsutil import atomic_dir, sha256_file
 from formats.gguf.inspect import inspect_gguf
 from formats.hf_compat import patch_dir
+from lorax_common.outputs import refuse_overlap
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Bump when the import output changes, so cached imports (exporter.default_model) are redone.
@@ -46,6 +47,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float3
 
     info = inspect_gguf(gguf_path)
     out_dir = Path(out_dir)
+    refuse_overlap(out_dir, [info.path])  # `--out dir/ --force` next to dir/m.gguf would delete the source
     torch_dtype = getattr(torch, dtype)
     src_dir, name = str(info.path.parent), info.path.name
 

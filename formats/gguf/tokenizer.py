@@ -22,6 +22,7 @@ from typing import Any
 from gguf import GGUFWriter, SpecialVocab, TokenType
 
 from formats.errors import FormatError
+from lorax_common.files import check_tokenizer_files
 
 # --------------------------------------------------------------------------- pre-tokenizer name tables
 
@@ -142,6 +143,7 @@ def load_hf_tokenizer(hf_dir: str | Path):
     if not any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise FormatError(f"{hf_dir}: no tokenizer.json or tokenizer.model; copy the base model's tokenizer "
                           "files into it (the GGUF embeds the tokenizer)")
+    check_tokenizer_files(hf_dir)  # a broken tokenizer.json: its name, not a bare JSONDecodeError
     return AutoTokenizer.from_pretrained(str(hf_dir))
 
 

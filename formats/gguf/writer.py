@@ -13,7 +13,6 @@ Measured on a 1.18B bf16 checkpoint (scripts/bench_gguf.py): 0.52 GB peak RSS, l
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from formats.errors import FormatError
 from formats.fsutil import atomic_file
 from formats.gguf import arch as archmod
 from formats.gguf.tokenizer import Vocab, load_vocab
+from lorax_common.files import read_json_object, safetensors_header, weight_files
 
 Q = GGMLQuantizationType
 
@@ -89,7 +89,7 @@ def read_config(hf_dir: Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise FormatError(f"{hf_dir}: no config.json; pass a Hugging Face model directory (merged or base)")
-    cfg = json.loads(path.read_text())
+    cfg = read_json_object(path, "a Hugging Face model config")
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "?")
         raise FormatError(f"{hf_dir} holds {method}-quantized weights; export the merged (dequantized) model "
@@ -98,11 +98,11 @@ def read_config(hf_dir: Path) -> dict[str, Any]:
 
 
 def safetensors_files(hf_dir: Path) -> list[Path]:
-    index = hf_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [hf_dir / n for n in names]
-    files = sorted(hf_dir.glob("*.safetensors"))
+    files = weight_files(hf_dir)  # index entries inside the dir, headers that fit their files
+    if not files:
+        files = sorted(hf_dir.glob("*.safetensors"))
+        for f in files:
+            safetensors_header(f)
     if not files:
         raise FormatError(f"{hf_dir}: no *.safetensors weights; save the model with safe_serialization=True")
     return files
