@@ -298,8 +298,6 @@ def test_exit_codes_0_1_2_3(nf4_adapter, tiny_model_dir, tmp_path, monkeypatch, 
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the gate rewrite (lead): a target that crashes becomes a failed "
-                                       "row (exit 1); today the IndexError is an internal error (exit 3)")
 def test_artifact_with_a_smaller_vocabulary_is_a_gate_failure(nf4_adapter, tiny_model_dir, tmp_path, capsys):
     """Finding 4: an artifact with a smaller vocabulary crashed the gate (IndexError / llama_decode -1)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
