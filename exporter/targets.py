@@ -36,18 +36,17 @@ def gguf_dtype(path: Path) -> str:
 
 
 def onnx_dir(path: Path) -> Path | None:
-    for cand in (path, path / "onnx"):
-        if (cand / "model.onnx").is_file():
-            return cand
-    return None
+    """The export dir (config.json + onnx/model*.onnx, formats/onnx/bundle.py) for DIR/onnx, DIR or a graph file."""
+    from formats.onnx.bundle import export_root
+
+    return export_root(path)
 
 
 def onnx_dtype(d: Path) -> str:
-    meta = d / "lorax.json"
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        return info.get("quant") or info.get("dtype") or "float32"
-    return "float32"
+    """The variant the runner opens by default: lorax.json's primary (quant, else dtype)."""
+    from formats.onnx.bundle import primary_variant
+
+    return primary_variant(d)
 
 
 def hf_dtype(d: Path) -> str:
@@ -63,10 +62,11 @@ def open_target(path: str | Path, dtype: str | None = None) -> Target:
         from formats.gguf.runner import GGUFRunner
 
         return Target(path.name, "gguf", dtype or gguf_dtype(path), path, GGUFRunner(path))
-    if path.is_dir() and (od := onnx_dir(path)) is not None:
+    if (path.is_dir() or path.suffix == ".onnx") and (od := onnx_dir(path)) is not None:
         from formats.onnx.runner import ONNXRunner
 
-        return Target(f"onnx:{path.name}", "onnx", dtype or onnx_dtype(od), od, ONNXRunner(od))
+        runner = ONNXRunner(path if path.is_file() else od)  # a graph file: that variant, else the primary
+        return Target(f"onnx:{path.name}", "onnx", dtype or runner.variant, od, runner)
     if path.is_dir() and (path / "config.json").is_file():
         from formats.hf import HFRunner
 
