@@ -64,6 +64,7 @@ class ONNXRunner:
 
         # The export dir holds config + tokenizer; its graphs are under onnx/ (formats/onnx/bundle.py).
         self.dir, path, self.variant = resolve_graph(model_dir, variant)
+        self.graph = path
         self.name = name or f"onnx:{self.dir.name}" + (f":{self.variant}" if variant else "")
         self.config = json.loads((self.dir / "config.json").read_text())
         self.geom = layout.cache_geometry(self.config)
