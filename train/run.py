@@ -335,6 +335,9 @@ def write_output(out: Path, force: bool, model, tok, eval_recs: data.Records | N
     with atomic_output(out, force) as tmp:
         model.save_pretrained(tmp)  # PEFT: adapter_config.json + adapter_model.safetensors
         tok.save_pretrained(tmp)
+        from formats.hf_compat import patch_dir
+
+        patch_dir(tmp)  # save_pretrained records how the tokenizer was loaded (is_local, ...): not shipped
         if eval_recs:
             data.write_jsonl(eval_recs, tmp / "eval.jsonl")
         (tmp / "lorax.json").write_text(json.dumps(record, indent=2) + "\n")
