@@ -61,7 +61,7 @@ SETTINGS: dict[str, WeightQuant] = {
     "int4-clip-b64-head8-vd8": WeightQuant(4, "clip", block_size=64, keep8=(LM_HEAD, "v_proj", "down_proj")),
     "int4-clip-b32-head8-vd8-acc0": WeightQuant(4, "clip", accuracy_level=0,
                                                 keep8=(LM_HEAD, "v_proj", "down_proj")),
-    # next candidates (not yet measured): the sensitive weights at 8 bits without clipping, lm_head at 4
+    # the sensitive weights at 8 bits without clipping (docs/BENCHMARKS.md, second run): p99 better, top-1 worse
     "int4-rtn-asym-b32-vd8": WeightQuant(4, "rtn", keep8=("v_proj", "down_proj")),
     "int4-rtn-asym-b32-head8-vd8": WeightQuant(4, "rtn", keep8=(LM_HEAD, "v_proj", "down_proj")),
 }
