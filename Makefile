@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and alone: asking for it through a range could pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet "$(TORCH)"
 	# llama-cpp-python compiles llama.cpp from source (~13 min on 2 cores, cached by pip afterwards).
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -c constraints.txt -e '.[dev,clients]'
 	$(BIN)/python scripts/fetch_smollm2.py
 	touch $(STAMP)
 

@@ -142,8 +142,11 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
         if opts.onnx:
             from formats.onnx.export import export_onnx
 
+            from formats.onnx.bundle import graph_path, variants_in
+
             export_onnx(merged_tmp, tmp / "onnx", dtype=opts.onnx_dtype, quant=opts.onnx_quant)
-            artifacts.append(out_dir / "onnx")
+            # every graph shipped is gated (an int4 export also holds the float32 graph it came from)
+            artifacts += [graph_path(out_dir / "onnx", v) for v in variants_in(tmp / "onnx")]
         for p in sorted(tmp.rglob("*")):
             if p.is_file() and p.suffix != ".gguf" and p.name != "lorax.json":
                 record.setdefault("files", {})[str(p.relative_to(tmp))] = sha256_file(p)

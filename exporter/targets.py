@@ -71,18 +71,17 @@ def gguf_dtype(path: Path) -> str:
 
 
 def onnx_dir(path: Path) -> Path | None:
-    for cand in (path, path / "onnx"):
-        if (cand / "model.onnx").is_file():
-            return cand
-    return None
+    """The export dir (config.json + onnx/model*.onnx, formats/onnx/bundle.py) for DIR/onnx, DIR or a graph file."""
+    from formats.onnx.bundle import export_root
+
+    return export_root(path)
 
 
 def onnx_dtype(d: Path) -> str:
-    meta = d / "lorax.json"
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        return info.get("quant") or info.get("dtype") or "float32"
-    return "float32"
+    """The variant the runner opens by default: lorax.json's primary (quant, else dtype)."""
+    from formats.onnx.bundle import primary_variant
+
+    return primary_variant(d)
 
 
 def hf_dtype(d: Path) -> str:
@@ -101,8 +100,11 @@ def open_target(path: str | Path, lora: str | Path | None = None) -> Target:
         lora = Path(lora) if lora else None
         name = path.name + (f" + {lora.name}" if lora else "")
         return Target(name, "gguf", gguf_dtype(path), path, lora=lora)
-    if path.is_dir() and (od := onnx_dir(path)) is not None:
-        return Target(f"onnx:{path.name}", "onnx", onnx_dtype(od), od)
+    if (path.is_dir() or path.suffix == ".onnx") and onnx_dir(path) is not None:
+        from formats.onnx.bundle import resolve_graph
+
+        _, _, variant = resolve_graph(path)  # a graph file: that variant, else the export's primary one
+        return Target(f"onnx:{path.name}", "onnx", variant, path)
     if path.is_dir() and (path / "config.json").is_file():
         return Target(f"hf:{path.name}", "hf", hf_dtype(path), path)
     raise LoraxError(f"{path}: not a GGUF file, an ONNX dir (model.onnx) or an HF model dir (config.json)")

@@ -1,4 +1,4 @@
-"""ONNX (float32, KV cache) greedy decode in onnxruntime vs PyTorch eager `generate`, in the same run.
+"""ONNX (float32 and int4, KV cache) greedy decode in onnxruntime vs PyTorch eager `generate`, in the same run.
 
     python scripts/bench_onnx.py                          # merged SmolLM2, 128 tokens, 2 threads, 3 rounds
     python scripts/bench_onnx.py --quick                  # 32 tokens, 1 round
@@ -8,8 +8,10 @@ Both sides get the same model (the imported SmolLM2 HF dir unless --model), the 
 as token ids, the same thread count, and produce the same number of greedy tokens (no early stop);
 each side runs in a fresh process, alternating torch, onnx, onnx, torch, ... so a shared machine's
 drift cancels. tokens/s = new tokens / (prefill + decode) wall time, median over prompts and rounds;
-the ratio is onnx / torch (target >= 2). The ONNX export is built once and cached under
-~/.cache/lorax/bench (its export time is printed when it is built).
+the ratios are onnx / torch (target >= 2) and int4 / float32 onnx (target >= 2). The ONNX export
+(`--onnx-quant int4`: onnx/model.onnx + onnx/model_q4.onnx) is built once and cached under
+~/.cache/lorax/bench (its export time is printed when it is built). Quality of every quantization
+setting: scripts/sweep_onnx_quant.py.
 """
 
 from __future__ import annotations
@@ -96,12 +98,14 @@ def cached_export(model_dir: Path) -> Path:
     from exporter.default_model import cache_dir
     from formats.onnx.export import export_onnx
 
-    out = cache_dir() / "bench" / f"onnx-{model_dir.name}-float32"
+    out = cache_dir() / "bench" / f"onnx-{model_dir.name}-int4"
     meta = out / "lorax.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("source") == str(model_dir.resolve()):
+    source = str(model_dir.resolve())
+    if meta.is_file() and (json.loads(meta.read_text()).get("source") or {}).get("path") == source \
+            and (out / "onnx" / "model_q4.onnx").is_file():
         return out
     t = time.perf_counter()
-    export_onnx(model_dir, out, force=True)
+    export_onnx(source, out, quant="int4", force=True)
     print(f"built the ONNX export once ({time.perf_counter() - t:.0f} s): {out}")
     return out
 
@@ -140,7 +144,11 @@ def main() -> int:
         args.model = hf_dir()
     onnx_dir = args.onnx or cached_export(args.model)
     ids = prompt_ids(args.model)
-    sides = {"torch eager": ("torch", args.model), "lorax onnx": ("onnx", onnx_dir)}
+    from formats.onnx.bundle import graph_path
+
+    sides = {"torch eager": ("torch", args.model), "lorax onnx": ("onnx", graph_path(onnx_dir, "float32"))}
+    if graph_path(onnx_dir, "int4").is_file():
+        sides["onnx int4"] = ("onnx", graph_path(onnx_dir, "int4"))
     if args.peer_onnx:
         sides["peer onnx"] = ("onnx", args.peer_onnx)
     results: dict[str, list[dict]] = {k: [] for k in sides}
@@ -162,6 +170,10 @@ def main() -> int:
     ratio = rate["lorax onnx"] / rate["torch eager"]
     print(f"       ratio: lorax onnx / torch eager = {ratio:.2f}x (target >= {TARGET_RATIO}: "
           f"{'ok' if ratio >= TARGET_RATIO else 'MISSED'})")
+    if "onnx int4" in rate:
+        q4 = rate["onnx int4"] / rate["lorax onnx"]
+        print(f"       ratio: onnx int4 / onnx float32 = {q4:.2f}x (target >= {TARGET_RATIO}: "
+              f"{'ok' if q4 >= TARGET_RATIO else 'MISSED'})")
     if "peer onnx" in rate:
         print(f"       ratio: lorax onnx / peer onnx = {rate['lorax onnx'] / rate['peer onnx']:.2f}x (target >= 1)")
     k = len(ids)

@@ -3,8 +3,10 @@
     # optimum-onnx needs transformers<4.58, so it lives in its own venv (../shared/DESIGN.md):
     python3 -m venv /tmp/optimum-venv
     /tmp/optimum-venv/bin/pip install torch==2.13.0 "transformers==4.57.*" optimum-onnx==0.1.0 onnxruntime
-    /tmp/optimum-venv/bin/python scripts/check_optimum_load.py dist/onnx [--tokens 32] [--json out.json]
+    /tmp/optimum-venv/bin/python scripts/check_optimum_load.py dist/onnx [--variant int4] [--tokens 32] [--json out.json]
 
+optimum reads the export dir as lorax writes it (formats/onnx/bundle.py): `from_pretrained(dist/onnx)`
+finds onnx/model.onnx; another variant is `file_name="model_q4.onnx"` (what --variant passes).
 Run from the repository root: lorax's runner (formats/onnx/runner.py) needs only numpy and
 onnxruntime, so both decoders run in the same process, on the same prompt ids. Checks, each a
 line of output; exit 1 when any fails:
@@ -31,7 +33,8 @@ PROMPTS = [
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("onnx_dir", type=Path, help="the dir with model.onnx (DIR/onnx of `lorax export --onnx`)")
+    ap.add_argument("onnx_dir", type=Path, help="the export dir (DIR/onnx of `lorax export --onnx`)")
+    ap.add_argument("--variant", default="float32", help="float32 | float16 | int8 | int4 (a graph under onnx/)")
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
     ap.add_argument("--prompt", action="append", help="user message (repeatable); default: three built-ins")
     ap.add_argument("--json", type=Path, help="write the tokens and verdicts here")
@@ -43,9 +46,12 @@ def main() -> int:
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoConfig, AutoTokenizer
 
+    from formats.onnx.bundle import export_root, graph_path
     from formats.onnx.runner import ONNXRunner
 
-    d = args.onnx_dir if (args.onnx_dir / "model.onnx").is_file() else args.onnx_dir / "onnx"
+    d = export_root(args.onnx_dir)
+    if d is None:
+        raise SystemExit(f"{args.onnx_dir}: not a lorax ONNX export (no onnx/model*.onnx)")
     checks: dict[str, bool] = {}
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, dir {d}")
 
@@ -60,14 +66,16 @@ def main() -> int:
     print(f"ok  tokenizer: {type(tok).__name__}, chat template {'present' if tok.chat_template else 'MISSING'}")
     checks["chat template"] = bool(tok.chat_template)
 
-    model = ORTModelForCausalLM.from_pretrained(d, use_cache=True)
-    ours = ONNXRunner(d)
+    ours = ONNXRunner(d, variant=args.variant)
+    kw = {} if args.variant == "float32" else {"file_name": graph_path(d, args.variant).name}
+    model = ORTModelForCausalLM.from_pretrained(d, use_cache=True, **kw)
+    print(f"ok  optimum loaded {model.model_path if hasattr(model, 'model_path') else kw}")
     prompts = args.prompt or PROMPTS
     ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
            for p in prompts]
     ids = [list(i["input_ids"]) if hasattr(i, "keys") else list(i) for i in ids]
 
-    record = {"dir": str(d), "transformers": transformers.__version__, "prompts": []}
+    record = {"dir": str(d), "variant": args.variant, "transformers": transformers.__version__, "prompts": []}
     for p, x in zip(prompts, ids, strict=True):
         out = model.generate(torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long),
                              max_new_tokens=args.tokens, do_sample=False)

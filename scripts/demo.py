@@ -35,7 +35,11 @@ def lorax(*args: str) -> int:
     return subprocess.run(cmd).returncode
 
 
-def size_of(path: Path) -> int:
+def size_of(path: Path, runner=None) -> int:
+    """Bytes of an artifact; an ONNX row counts its own graph (+ external data), not the whole export dir."""
+    graph = getattr(runner, "graph", None)
+    if graph is not None:
+        return sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -74,12 +78,13 @@ def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
     artifacts: list[tuple[str, object, Path | None]] = [("base (no adapter)", lambda: HFRunner(base), base),
                                                         ("PEFT adapter (reference)", lambda: ref, adapter)]
     lora = next(iter(dist.glob("*-lora-*.gguf")), None)
-    for path in [dist / "merged", *sorted(dist.glob("*.gguf")), dist / "onnx"]:
+    for path in [dist / "merged", *sorted(dist.glob("*.gguf"))]:
         if path.exists() and path != lora:
             t = open_target(path, lora if path.name.startswith("base-as-trained-") else None)
             label = f"{t.format} {t.dtype}" + {"hf": " (merged)", "gguf": " + LoRA GGUF" if t.lora else ""}.get(
                 t.format, "")
             artifacts.append((label, t.open, path))
+    artifacts += onnx_rows(dist / "onnx")
 
     rows_out = []
     for label, opener, path in artifacts:
@@ -90,7 +95,7 @@ def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
         else:
             gens = [runner.generate(s.prompt_ids, budget) for s in samples]
         row = {"artifact": label, "path": str(path) if path else None, "accuracy": accuracy(gens, samples, tok),
-               "size_mb": size_of(path) / 1e6 if path else None,
+               "size_mb": size_of(path, runner) / 1e6 if path else None,
                "tokens_per_s": decode_speed(runner, samples[0].prompt_ids)}
         gated = by_path.get(path.resolve()) if path else None
         if runner is ref:
@@ -104,6 +109,19 @@ def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
         if runner is not ref:
             runner.close()
     return {"gate_passed": report.get("passed"), "eval_samples": len(samples), "rows": rows_out}
+
+
+def onnx_rows(onnx_dir: Path) -> list[tuple[str, object, Path]]:
+    """One row per graph in the ONNX export (float32 and the quantized one beside it); the primary graph
+    is the one the gate measured, keyed by the export dir, the others by their own file."""
+    from formats.onnx.bundle import graph_path, primary_variant, variants_in
+    from formats.onnx.runner import ONNXRunner
+
+    if not onnx_dir.is_dir():
+        return []
+    primary = primary_variant(onnx_dir)
+    return [(f"onnx {v}", lambda v=v: ONNXRunner(onnx_dir, variant=v),
+             onnx_dir if v == primary else graph_path(onnx_dir, v)) for v in variants_in(onnx_dir)]
 
 
 def table(summary: dict) -> str:
@@ -123,6 +141,7 @@ def main() -> int:
     ap.add_argument("--gate-samples", type=int, default=16, help="held-out sequences the parity gate uses")
     ap.add_argument("--quick", action="store_true", help="a shorter run (the slow test uses it)")
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--onnx-quant", choices=["int8", "int4"], help="also write (and gate) this ONNX variant")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.eval_limit, args.gate_samples = min(args.steps, 40), 24, 8
@@ -162,7 +181,7 @@ def main() -> int:
     export_args = ["export", str(adapter), "--out", str(dist), "--gguf", "--quant", "q8_0", "--quant", "q4_k_m",
                    "--gguf-adapter", "--max-samples", str(args.gate_samples), "--force"]
     if not args.no_onnx:
-        export_args.append("--onnx")
+        export_args += ["--onnx", *(["--onnx-quant", args.onnx_quant] if args.onnx_quant else [])]
     gate_rc = lorax(*export_args)
     if gate_rc not in (0, 1):
         return gate_rc
@@ -179,8 +198,10 @@ def main() -> int:
     q4 = dist / "model-q4_k_m.gguf"
     print("\nChat with the fine-tuned model in llama.cpp:")
     print(f"  llama-cli -m {q4} -cnv")
-    print("or, with the llama-cpp-python in this venv:")
+    print("or serve it (OpenAI API on 127.0.0.1:8000) with the llama-cpp-python[server] `make install` put in this venv:")
     print(f"  {Path(sys.executable).parent}/python -m llama_cpp.server --model {q4}")
+    if (dist / "onnx").is_dir():
+        print(f"transformers.js, onnxruntime-genai and optimum load {dist / 'onnx'} as written (README: ONNX clients).")
     return gate_rc
 
 

@@ -111,7 +111,7 @@ def test_graph_has_optimum_io_layout(onnx_dirs):
 
     from formats.onnx import layout
 
-    model = onnx.load(str(onnx_dirs["qwen3"] / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(onnx_dirs["qwen3"] / "onnx" / "model.onnx"), load_external_data=False)
     cfg = json.loads((onnx_dirs["qwen3"] / "config.json").read_text())
     n = cfg["num_hidden_layers"]
     ins = {i.name: i for i in model.graph.input}
@@ -159,10 +159,56 @@ def test_side_files_read_in_transformers_4(onnx_dirs, hf_dirs):
     assert gen["eos_token_id"] == cfg["eos_token_id"]
     meta = json.loads((d / "lorax.json").read_text())
     assert (meta["kind"], meta["dtype"], meta["quant"]) == ("onnx", "float32", None)
+    assert meta["variants"] == {"float32": "onnx/model.onnx"}
     import onnx
 
-    graph = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    graph = onnx.load(str(d / "onnx" / "model.onnx"), load_external_data=False)
     assert meta["opset"] == next(o.version for o in graph.opset_import if o.domain == "") >= 17
+
+
+def test_files_are_clean_and_provenance_is_true(onnx_dirs, hf_dirs):
+    """transformers.js reads the template from tokenizer_config.json only; nothing tells a reader how
+    lorax loaded its inputs; the recorded source is the dir as given, with digests of its files."""
+    from formats.fsutil import sha256_file
+    from formats.hf_compat import DROP_CONFIG_KEYS, DROP_TOKENIZER_KEYS
+
+    d, src = onnx_dirs["qwen2"], hf_dirs["qwen2"]
+    tok = json.loads((d / "tokenizer_config.json").read_text())
+    assert tok["chat_template"] == (d / "chat_template.jinja").read_text()
+    assert not set(tok) & set(DROP_TOKENIZER_KEYS), tok.keys()
+    assert not set(json.loads((d / "config.json").read_text())) & set(DROP_CONFIG_KEYS)
+    source = json.loads((d / "lorax.json").read_text())["source"]
+    assert Path(source["path"]).resolve() == src.resolve()
+    assert source["sha256"]["model.safetensors"] == sha256_file(src / "model.safetensors")
+
+
+def test_patch_dir_drops_load_time_keys(tmp_path):
+    """What `AutoTokenizer.from_pretrained(...).save_pretrained(...)` leaves in a dir, cleaned."""
+    from formats.hf_compat import patch_dir
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"is_local": True, "local_files_only": True, "name_or_path": "/tmp/x", "eos_token": "<|im_end|>",
+         "tokenizer_class": "TokenizersBackend"}))
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoModel": "x.Y"},
+                                                      "_name_or_path": "/tmp/x"}))
+    patch_dir(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {
+        "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": "{{ messages }}"}
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "llama"}
+
+
+def test_genai_config_matches_the_model_and_graph(onnx_dirs):
+    d = onnx_dirs["qwen3"]
+    cfg, genai = (json.loads((d / n).read_text()) for n in ("config.json", "genai_config.json"))
+    dec = genai["model"]["decoder"]
+    assert dec["filename"] == "onnx/model.onnx" and (d / dec["filename"]).is_file()
+    assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]) == (
+        cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"])
+    assert genai["model"]["eos_token_id"] == [cfg["eos_token_id"]]
+    # The graph concatenates its cache (present is longer than past): genai must not share one buffer.
+    assert genai["search"]["past_present_share_buffer"] is False
+    assert genai["search"]["do_sample"] is False and genai["search"]["max_length"] == cfg["max_position_embeddings"]
 
 
 def test_sliding_window_is_in_effect(runners, tiny_model_factory):
@@ -298,7 +344,7 @@ def test_failed_export_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
 def test_runner_rejects_a_dir_without_a_decoder(tmp_path):
     from formats.onnx.runner import ONNXRunner
 
-    with pytest.raises(FormatError, match="no model.onnx"):
+    with pytest.raises(FormatError, match="no ONNX graph"):
         ONNXRunner(tmp_path)
 
 
@@ -325,12 +371,12 @@ def quantized_dirs(hf_dirs, onnx_dirs, tmp_path_factory) -> dict[str, Path]:
 
     def reuse_trace(hf_dir, dest, external_data=None, **kw):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(onnx_dirs["llama"] / "model.onnx", dest)
+        shutil.copy2(onnx_dirs["llama"] / "onnx" / "model.onnx", dest)
 
     root = tmp_path_factory.mktemp("quant")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(decoder, "trace_decoder", reuse_trace)
-        # int4 also writes its weights to model.onnx.data, the path models past 2 GB take.
+        # int4 also writes its weights to model_q4.onnx.data, the path models past 2 GB take.
         return {q: export_onnx(hf_dirs["llama"], root / q, quant=q, external_data=(q == "int4")).dir
                 for q in ("int8", "int4")}
 
@@ -364,7 +410,8 @@ def test_float16_export(hf_dirs, runners, tmp_path):
     parity = compare([hf.logits(i) for i in ids], [ox16.logits(i) for i in ids], ids)
     assert 0 < parity.kld_mean <= F16_KLD_MEAN, parity  # > 0: the weights really are float16
     assert parity.max_abs_logit > F32_MAX_ABS_LOGIT
-    assert _weight_bytes(d / "model.onnx") < 0.51 * _weight_bytes(ox32.dir / "model.onnx")
+    assert _weight_bytes(d / "onnx" / "model_fp16.onnx") < 0.51 * _weight_bytes(ox32.dir / "onnx" / "model.onnx")
+    assert not (d / "onnx" / "model.onnx").exists()
     assert ox16.generate(ids[0], 16) == ox16.generate(ids[0], 16, use_cache=False)
     assert json.loads((d / "lorax.json").read_text())["dtype"] == "float16"
 
@@ -374,21 +421,30 @@ def test_quantized_exports(quantized_dirs, runners, tiny_model_factory, quant, r
     """Recorded (size, tokens/s, KLD, top-1); asserted: smaller, every weight MatMul quantized, cache
     still exact, and far closer to the model than a different model is. Tiny random weights have no structure,
     so KLD here is much worse than on a real model (see the SmolLM2 test)."""
+    from exporter.targets import open_target
     from formats.hf import HFRunner
+    from formats.onnx.bundle import graph_path
     from formats.onnx.runner import ONNXRunner
 
     hf, ox32 = runners["llama"]
     d = quantized_dirs[quant]
     ox = ONNXRunner(d)
-    ops, float_weight_matmuls = _op_types(d / "model.onnx")
+    graph, f32_graph = graph_path(d, quant), graph_path(ox32.dir, "float32")
+    assert ox.variant == quant and graph.name == {"int8": "model_quantized.onnx", "int4": "model_q4.onnx"}[quant]
+    # The float32 graph stays beside it (transformers.js's default dtype); the gate measures the quantized one.
+    assert ONNXRunner(d, variant="float32").variant == "float32"
+    target = open_target(d)
+    assert (target.dtype, target.runner.variant) == (quant, quant)
+    assert json.loads((d / "genai_config.json").read_text())["model"]["decoder"]["filename"] == f"onnx/{graph.name}"
+    ops, float_weight_matmuls = _op_types(graph)
     assert "MatMulNBits" in ops
     assert json.loads((d / "lorax.json").read_text())["quantization"]["bits"] == {"int8": 8, "int4": 4}[quant]
     assert float_weight_matmuls == 0  # every weight MatMul, the lm_head included, is quantized
-    assert _op_types(ox32.dir / "model.onnx")[1] == 15  # ... of 2 layers x 7 + lm_head
+    assert _op_types(f32_graph)[1] == 15  # ... of 2 layers x 7 + lm_head
     if quant == "int4":
-        assert (d / "model.onnx.data").stat().st_size > (d / "model.onnx").stat().st_size
-    size = sum(p.stat().st_size for p in d.glob("model.onnx*"))
-    size32 = (ox32.dir / "model.onnx").stat().st_size
+        assert graph.with_name(graph.name + ".data").stat().st_size > graph.stat().st_size
+    size = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))
+    size32 = f32_graph.stat().st_size
     assert size < 0.7 * size32
 
     ids = _ids(hf)

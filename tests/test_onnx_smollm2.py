@@ -107,17 +107,17 @@ def test_quantized_recorded(f32_dir, f32, ref, ids, quant, tmp_path, record_prop
     import shutil
 
     from exporter.thresholds import limits_for
+    from formats.onnx.bundle import graph_path
     from formats.onnx.quantize import quantize
     from formats.onnx.runner import ONNXRunner
 
     d = tmp_path / quant
     shutil.copytree(f32_dir, d)
-    (d / "model.onnx").unlink()
-    quantize(f32_dir / "model.onnx", d / "model.onnx", quant)
-    r = ONNXRunner(d, threads=2)
+    graph = quantize(graph_path(f32_dir, "float32"), graph_path(d, quant), quant)
+    r = ONNXRunner(d, threads=2, variant=quant)
     parity = compare(ref, [r.logits(i) for i in ids], ids)
-    size = sum(p.stat().st_size for p in d.glob("model.onnx*"))
-    size32 = sum(p.stat().st_size for p in f32_dir.glob("model.onnx*"))
+    size = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))
+    size32 = sum(p.stat().st_size for p in (f32_dir / "onnx").glob("model.onnx*"))
     speed, speed32 = r.measure_decode(ids[0], 64), f32.measure_decode(ids[0], 64)
     line = (f"[smollm2 onnx {quant}] {size / 1e6:.0f} MB ({size / size32:.2f} of f32), "
             f"{speed.tokens_per_s:.1f} tok/s (f32 {speed32.tokens_per_s:.1f}, same run), KLD {parity.kld_mean:.4f}, "

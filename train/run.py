@@ -318,6 +318,9 @@ def write_output(out: Path, force: bool, model, tok, eval_recs: data.Records | N
     with outputs.atomic_dir(out, force, lock=lock) as tmp:
         model.save_pretrained(tmp)  # PEFT: adapter_config.json + adapter_model.safetensors
         tok.save_pretrained(tmp)
+        from formats.hf_compat import patch_dir
+
+        patch_dir(tmp)  # save_pretrained records how the tokenizer was loaded (is_local, ...): not shipped
         if eval_recs:
             data.write_jsonl(eval_recs, tmp / "eval.jsonl")
         (tmp / "lorax.json").write_text(json.dumps(record, indent=2) + "\n")

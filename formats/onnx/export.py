@@ -1,7 +1,8 @@
-"""Export a merged HF causal LM to an ONNX decoder with KV cache, in optimum's layout.
+"""Export a merged HF causal LM to an ONNX decoder with KV cache, in the transformers.js layout.
 
     lorax export adapter/ --out dist/ --onnx [--onnx-dtype float16 | --onnx-quant int8|int4]
-    # -> dist/onnx/model.onnx (+ model.onnx.data past 2 GB), config.json, tokenizer files, lorax.json
+    # -> dist/onnx/: config.json, generation_config.json, tokenizer files, genai_config.json, lorax.json,
+    #    onnx/model.onnx (+ onnx/model_quantized.onnx or onnx/model_q4.onnx; *.onnx.data past 2 GB)
 
     from formats.onnx.export import export_onnx
     export_onnx("merged/", "dist/onnx", dtype="float32", quant=None)
@@ -10,12 +11,15 @@ optimum's own exporter cannot share an environment with transformers 5 (../share
 this traces the model with PyTorch's exporter (`torch.onnx.export(dynamo=True)`) through a thin
 wrapper whose flat inputs/outputs carry optimum's names. The result is one graph that serves both
 prefill (past length 0) and decode, with dynamic batch, sequence and past lengths, in standard ONNX
-ops (opset 20), so optimum's `ORTModelForCausalLM` and other runtimes load it without lorax.
+ops (opset 20). The folder is what transformers.js, onnxruntime-genai and optimum's
+`ORTModelForCausalLM` load as written (file names: formats/onnx/bundle.py); a quantized export keeps
+the float32 graph too (transformers.js's default dtype, and the one the quantizers start from).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +27,14 @@ from pathlib import Path
 from formats.errors import FormatError
 from formats.fsutil import atomic_dir, sha256_file
 from formats.hf_compat import patch_dir
-from formats.onnx import layout
+from formats.onnx import bundle, layout
+from formats.onnx.genai import write_genai_config
 from formats.onnx.quantize import DESCRIPTIONS, QUANTIZERS, quantize
 
-MODEL_FILE = "model.onnx"
 DTYPES = ("float32", "float16")
 
-# Files copied from the HF dir so the ONNX dir loads on its own (optimum reads config.json and
-# generation_config.json beside model.onnx; the tokenizer and chat template make it a usable model).
+# Files copied from the HF dir so the ONNX dir loads on its own (every client reads config.json and
+# generation_config.json from the export dir; the tokenizer and chat template make it a usable model).
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -43,19 +47,20 @@ class OnnxExport:
     """What `export_onnx` wrote (paths are final, under `dir`)."""
 
     dir: Path
-    model: Path
+    model: Path  # the primary graph (the quantized one when quant is set)
     dtype: str
     quant: str | None
-    bytes: int
-    files: dict[str, str] = field(default_factory=dict)  # name -> sha256
+    bytes: int  # the primary graph with its external data
+    files: dict[str, str] = field(default_factory=dict)  # path relative to dir -> sha256
+    variants: dict[str, Path] = field(default_factory=dict)  # every graph written
 
 
 def export_onnx(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", quant: str | None = None,
                 force: bool = False, opset: int | None = None, external_data: bool | None = None) -> OnnxExport:
-    """Write `out_dir`/model.onnx and its side files from the HF model in `hf_dir`, atomically.
+    """Write the export dir `out_dir` (graphs under out_dir/onnx/) from the HF model in `hf_dir`, atomically.
 
-    `out_dir` is the folder that will hold model.onnx (the pipeline passes DIR/onnx). Weights go to
-    model.onnx.data when the model is past protobuf's 2 GB limit (`external_data=None`) or as asked.
+    `out_dir` is the folder clients are pointed at (the pipeline passes DIR/onnx). A graph's weights go
+    to <graph>.data when it is past protobuf's 2 GB limit (`external_data=None`) or as asked.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = _read_config(hf_dir)
@@ -73,23 +78,31 @@ def export_onnx(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
 
     from formats.onnx.decoder import trace_decoder
 
+    primary = quant or dtype
     stages = ["trace"] + (["quantize"] if quant else []) + ["side files"]
     with atomic_dir(out_dir, force=force) as tmp, tqdm(total=len(stages), desc="onnx export", unit="step") as bar:
-        traced = tmp / ".trace" / MODEL_FILE if quant else tmp / MODEL_FILE
+        traced = bundle.graph_path(tmp, dtype)
         bar.set_postfix_str(f"tracing {config['model_type']} ({dtype})")
         trace_decoder(hf_dir, traced, dtype=dtype, opset=opset, external_data=external_data)
         bar.update()
         if quant:
             bar.set_postfix_str(f"quantizing ({quant})")
-            quantize(traced, tmp / MODEL_FILE, quant, external_data=external_data)
-            shutil.rmtree(traced.parent)
+            quantize(traced, bundle.graph_path(tmp, quant), quant, external_data=external_data)
             bar.update()
         bar.set_postfix_str("config + tokenizer")
-        write_side_files(hf_dir, tmp, dtype=dtype, quant=quant, opset=opset)
+        write_side_files(hf_dir, tmp, out_dir, variants=[dtype, *([quant] if quant else [])], primary=primary,
+                         opset=opset)
         bar.update()
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        size = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith(MODEL_FILE))
-    return OnnxExport(out_dir, out_dir / MODEL_FILE, dtype, quant, size, files)
+        files = _digests(tmp)
+        graph = bundle.graph_path(tmp, primary)
+        size = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))
+    variants = {v: bundle.graph_path(out_dir, v) for v in (dtype, quant) if v}
+    return OnnxExport(out_dir, variants[primary], dtype, quant, size, files, variants)
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != bundle.META}
 
 
 def _read_config(hf_dir: Path) -> dict:
@@ -99,25 +112,47 @@ def _read_config(hf_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def write_side_files(hf_dir: Path, onnx_dir: Path, dtype: str, quant: str | None, opset: int | None) -> None:
-    """Config, generation config, tokenizer and chat template beside model.onnx, readable by transformers 4.x."""
+def write_side_files(hf_dir: Path, root: Path, final_dir: Path, variants: list[str], primary: str,
+                     opset: int | None) -> None:
+    """Config, generation config, tokenizer, chat template, genai_config.json and lorax.json in `root`
+    (the temp dir that becomes `final_dir`), readable by transformers 4.x and transformers.js."""
     for name in SIDE_FILES:
         if (hf_dir / name).is_file():
-            shutil.copy2(hf_dir / name, onnx_dir / name)
-    cfg = json.loads((onnx_dir / "config.json").read_text())
+            shutil.copy2(hf_dir / name, root / name)
+    cfg = json.loads((root / "config.json").read_text())
     cfg["use_cache"] = True  # optimum only feeds the cache when the config says so
-    (onnx_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    patch_dir(onnx_dir)
+    (root / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    patch_dir(root)
+    write_genai_config(root, bundle.graph_path(root, primary))
     import onnx
     import torch
 
     meta = {
-        "kind": "onnx", "dtype": dtype, "quant": quant, "quantization": DESCRIPTIONS.get(quant or ""),
-        "source": str(hf_dir.resolve()),
-        "opset": opset or _graph_opset(onnx_dir / MODEL_FILE),
+        "kind": "onnx", "dtype": variants[0], "quant": primary if primary != variants[0] else None,
+        "primary": primary,
+        "variants": {v: bundle.graph_path(root, v).relative_to(root).as_posix() for v in variants},
+        "quantization": DESCRIPTIONS.get(primary),
+        "source": source_record(hf_dir, final_dir),
+        "opset": opset or _graph_opset(bundle.graph_path(root, variants[0])),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__},
     }
-    (onnx_dir / "lorax.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (root / bundle.META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def source_record(hf_dir: Path, final_dir: Path) -> dict:
+    """Where the weights came from, in a form that stays true after the export dir is renamed into place.
+
+    A sibling of the export dir (the pipeline's DIR/merged beside DIR/onnx, still inside its temp dir
+    while this runs) is recorded relative to the export dir; anything else as the caller gave it. The
+    digests come from the source's own lorax.json when it has them (a merge hashed its shards already).
+    """
+    sibling = hf_dir.resolve().parent == final_dir.resolve().parent
+    path = os.path.relpath(hf_dir.resolve(), final_dir.resolve()) if sibling else str(hf_dir)
+    meta_path = hf_dir / bundle.META
+    known = (json.loads(meta_path.read_text()).get("files") or {}) if meta_path.is_file() else {}
+    weights = sorted(p.name for p in hf_dir.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
+    return {"path": path, "relative_to": "this dir" if sibling else None,
+            "sha256": {n: known.get(n) or sha256_file(hf_dir / n) for n in weights}}
 
 
 def _graph_opset(path: Path) -> int:

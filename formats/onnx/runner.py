@@ -1,7 +1,7 @@
 """Run an exported ONNX decoder in onnxruntime: prefill + incremental decode with the KV cache.
 
     from formats.onnx.runner import ONNXRunner
-    r = ONNXRunner("dist/onnx")
+    r = ONNXRunner("dist/onnx")        # the primary graph (lorax.json); variant="float32" picks another
     r.logits(ids)                      # teacher-forced [seq, vocab] float32 (the parity gate)
     r.generate(ids, 32)                # greedy, one token per step through the cache
     r.measure_decode(ids, 128)         # tokens/s of cached greedy decoding
@@ -24,9 +24,8 @@ import numpy as np
 
 from formats.errors import FormatError
 from formats.onnx import layout
+from formats.onnx.bundle import resolve_graph
 from formats.runner import greedy_loop
-
-MODEL_FILE = "model.onnx"
 
 # provider -> the OrtValue device name its outputs live on; first available wins.
 PROVIDERS: dict[str, str] = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
@@ -60,16 +59,13 @@ class DecodeSpeed:
 
 class ONNXRunner:
     def __init__(self, model_dir: str | Path, name: str | None = None, threads: int | None = None,
-                 providers: Sequence[str] | None = None) -> None:
+                 providers: Sequence[str] | None = None, variant: str | None = None) -> None:
         import onnxruntime as ort
 
-        self.dir = Path(model_dir)
-        if (self.dir / "onnx" / MODEL_FILE).is_file() and not (self.dir / MODEL_FILE).is_file():
-            self.dir = self.dir / "onnx"
-        path = self.dir / MODEL_FILE
-        if not path.is_file():
-            raise FormatError(f"{model_dir}: no {MODEL_FILE}; pass the dir `lorax export --onnx` wrote (DIR/onnx)")
-        self.name = name or f"onnx:{self.dir.parent.name if self.dir.name == 'onnx' else self.dir.name}"
+        # The export dir holds config + tokenizer; its graphs are under onnx/ (formats/onnx/bundle.py).
+        self.dir, path, self.variant = resolve_graph(model_dir, variant)
+        self.graph = path
+        self.name = name or f"onnx:{self.dir.name}" + (f":{self.variant}" if variant else "")
         self.config = json.loads((self.dir / "config.json").read_text())
         self.geom = layout.cache_geometry(self.config)
         opts = ort.SessionOptions()
