@@ -62,7 +62,7 @@ def validate(source: Path, opts: ExportOptions) -> ExportOptions:
     """Every refusal that needs no model: nothing is written before these pass."""
     from dataclasses import replace
 
-    from exporter.registry import lookup, normalise_quants
+    from exporter.gate.registry import lookup, normalise_quants
 
     if not (opts.gguf or opts.onnx):
         raise LoraxError("nothing to export; pass --gguf and/or --onnx")
@@ -80,7 +80,7 @@ def write_base_as_trained(source: Path, tmp: Path, opts: ExportOptions) -> Path:
     applied to (a GGUF of the original base would give llama.cpp the naive merge)."""
     import shutil
 
-    from exporter.merge import merge_adapter
+    from exporter.merge.plan import merge_adapter
     from formats.gguf.export import export_gguf
     from formats.gguf.writer import source_type
 
@@ -115,7 +115,7 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
                     "created": datetime.now(UTC).isoformat(timespec="seconds"), "artifacts": []}
     with atomic_dir(out_dir, force=opts.force, lock=lock) as tmp:
         if is_adapter(source):
-            from exporter.merge import merge_adapter
+            from exporter.merge.plan import merge_adapter
 
             merge_adapter(source, tmp / "merged", merge_base=opts.merge_base, dtype=opts.dtype,
                           trained_on=opts.trained_on, double_quant=opts.double_quant, base_dir=opts.base)
@@ -140,9 +140,8 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
                     artifacts.append(out_dir / path.name)
             record["warnings"] = list(result.warnings)
         if opts.onnx:
-            from formats.onnx.export import export_onnx
-
             from formats.onnx.bundle import graph_path, variants_in
+            from formats.onnx.export import export_onnx
 
             export_onnx(merged_tmp, tmp / "onnx", dtype=opts.onnx_dtype, quant=opts.onnx_quant)
             # every graph shipped is gated (an int4 export also holds the float32 graph it came from)
@@ -157,8 +156,8 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
 
 def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions):
     """Gate the published artifacts; the LoRA GGUF is measured on the base-as-trained GGUF it ships with."""
-    from exporter.check import GateOptions, check
-    from exporter.targets import open_target
+    from exporter.gate.check import GateOptions, check
+    from exporter.gate.targets import open_target
 
     record = json.loads((out_dir / "lorax.json").read_text())
     kinds = {a["path"]: a["kind"] for a in record.get("artifacts", [])}

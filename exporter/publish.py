@@ -29,7 +29,7 @@ def export_inputs(source: Path, opts) -> list[Path | str | None]:
     """Everything an export reads, so --out can be refused when it would overwrite one of them."""
     inputs: list[Path | str | None] = [source, opts.base, opts.prompts]
     if (source / "adapter_config.json").is_file():
-        from exporter.reference import read_adapter
+        from exporter.gate.reference import read_adapter
 
         inputs.append(read_adapter(source, opts.trained_on, base_dir=opts.base).base_dir)
     return inputs

@@ -11,7 +11,7 @@ Sides (each in its own subprocess, so peak RSS is its own: ru_maxrss from os.wai
           (the usual recipe; it folds into the original weights, which is not the trained model)
   imports python -c "import torch, transformers, peft, bitsandbytes": the floor both sides pay
 Targets (the merge issue): peak RSS <= 0.3x PEFT's, time <= 1x PEFT's. Also: the 4-bit round trip
-alone, exporter.quant4 vs bitsandbytes, on one MLP weight (MB/s of bf16 weights, bit-identical check).
+alone, exporter.merge.quant4 vs bitsandbytes, on one MLP weight (MB/s of bf16 weights, bit-identical check).
 The machine is shared and noisy: compare the ratios, which are measured side by side.
 """
 
@@ -43,7 +43,7 @@ def build_base(out: Path, size: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from exporter.merge_io import ShardedWriter, TensorSpec
+    from exporter.merge.io import ShardedWriter, TensorSpec
 
     if (out / "config.json").exists():
         return out
@@ -129,11 +129,11 @@ def run_side(cmd: list[str]) -> dict[str, float]:
 
 
 def quant4_vs_bnb() -> dict[str, float]:
-    """The round trip alone, on one 5632x2048 bf16 weight: exporter.quant4 vs bitsandbytes."""
+    """The round trip alone, on one 5632x2048 bf16 weight: exporter.merge.quant4 vs bitsandbytes."""
     import bitsandbytes.functional as bnbf
     import torch
 
-    from exporter.quant4 import Quant4Spec, round_trip
+    from exporter.merge.quant4 import Quant4Spec, round_trip
 
     w = (torch.randn(5632, 2048, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     spec = Quant4Spec("nf4", 64, True, torch.bfloat16)

@@ -51,18 +51,18 @@ def decode_speed(runner, prompt_ids: list[int], n: int = 32) -> float:
 
 
 def accuracy(gens: list[list[int]], samples, tokenizer) -> float:
-    from exporter.gate import answer_correct
+    from exporter.gate.evaluate import answer_correct
 
     return sum(answer_correct(g, s.answer, tokenizer) for g, s in zip(gens, samples, strict=True)) / len(samples)
 
 
 def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
     """Accuracy, KLD/top-1 vs the adapter, size and decode speed for every artifact."""
-    from exporter import metrics
-    from exporter.check import GateOptions, reference_runner
-    from exporter.samples import build, load_rows
-    from exporter.targets import open_target
-    from formats.hf import HFRunner
+    from exporter.gate import metrics
+    from exporter.gate.check import GateOptions, reference_runner
+    from exporter.gate.samples import build, load_rows
+    from exporter.gate.targets import open_target
+    from formats.hf.runner import HFRunner
 
     ref = reference_runner(adapter, GateOptions())
     tok = ref.tokenizer
@@ -153,7 +153,7 @@ def main() -> int:
 
     base = hf_dir(fetch=True)
     print(f"base: {base}")
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     chat = HFRunner(base)
     question = "What is the capital of France?"

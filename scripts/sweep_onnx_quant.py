@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from exporter.metrics import compare
+    from exporter.gate.metrics import compare
     from formats.onnx.runner import ONNXRunner
 
     if args.onnx is None:

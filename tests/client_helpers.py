@@ -31,7 +31,7 @@ def stopping_model(src: Path, dest: Path, chat: str = STOP_CHAT, step: int = STO
     """Copy of the tiny model at `src` whose greedy answer to `chat` ends with its EOS by `step` + 1."""
     from safetensors.torch import load_file, save_file
 
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     shutil.copytree(src, dest)
     hf = HFRunner(dest)

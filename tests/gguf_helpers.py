@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tiny_models import corpus
 
-from exporter.metrics import Parity, compare
+from exporter.gate.metrics import Parity, compare
 
 # Llama-2 chat format: the template writes BOS itself (the double-BOS case when add_bos is also set).
 LLAMA2_TEMPLATE = (
@@ -70,7 +70,7 @@ def tiny_text() -> str:
 @functools.lru_cache(maxsize=16)
 def reference(hf_dir: Path, n_tokens: int = 512, text: str | None = None):
     """(ids, HF logits) for a model dir, cached: many GGUFs of one model are compared with one HF run."""
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     hf = HFRunner(hf_dir)
     ids = hf.tokenize(text or tiny_text())[:n_tokens]

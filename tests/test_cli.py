@@ -7,12 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from exporter.cli import COMMANDS, main
+from exporter.cli.main import COMMANDS, main
 
 
 def test_help_is_instant_and_imports_no_torch():
     code = (
-        "import sys, time; t = time.perf_counter(); from exporter.cli import main; "
+        "import sys, time; t = time.perf_counter(); from exporter.cli.main import main; "
         "rc = main(['--help']); "
         "assert 'torch' not in sys.modules, 'torch imported by --help'; "
         "assert 'transformers' not in sys.modules; print(rc, time.perf_counter() - t)"

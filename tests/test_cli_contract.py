@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cli import main
+from exporter.cli.main import main
 from lorax_common import outputs
 
 
@@ -214,7 +214,7 @@ def test_a_second_run_on_a_locked_out_fails_at_once_and_stale_staging_waits(nf4_
 
 def test_an_out_that_appears_during_the_run_is_not_replaced(nf4_adapter, tmp_path, monkeypatch, capsys):
     """Finding 2: the final rename replaced whatever appeared at --out since the start."""
-    import exporter.merge_io as merge_io
+    import exporter.merge.io as merge_io
 
     out = tmp_path / "merged"
     real = merge_io.write_support_files
@@ -233,7 +233,7 @@ def test_an_out_that_appears_during_the_run_is_not_replaced(nf4_adapter, tmp_pat
 
 def test_disk_full_is_exit_2_naming_the_output_and_leaves_nothing(nf4_adapter, tmp_path, monkeypatch, capsys):
     """Finding 4: ENOSPC while the shards are written (planted in the writer's own write call)."""
-    import exporter.merge_io as merge_io
+    import exporter.merge.io as merge_io
 
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -248,12 +248,12 @@ def test_disk_full_is_exit_2_naming_the_output_and_leaves_nothing(nf4_adapter, t
 
 def test_unwritable_outputs_fail_before_any_work(nf4_adapter, tiny_model_dir, monkeypatch, capsys):
     """Finding 4: read-only/permission-denied --out and --report; check --report is tested before the gate."""
-    import exporter.check
+    import exporter.gate.check
 
     def gate_must_not_run(*args, **kwargs):
         raise AssertionError("the gate ran before --report was found unwritable")
 
-    monkeypatch.setattr(exporter.check, "check", gate_must_not_run)
+    monkeypatch.setattr(exporter.gate.check, "check", gate_must_not_run)
     rc, err = run(["check", nf4_adapter, tiny_model_dir, "--report", "/sys/lorax-report"], capsys)
     assert rc == 2 and "--report /sys/lorax-report is not writable" in error_line(err)
     rc, err = run(["merge", nf4_adapter, "--out", "/sys/lorax-merged"], capsys)
@@ -281,12 +281,12 @@ def test_exit_codes_0_1_2_3(nf4_adapter, tiny_model_dir, tmp_path, monkeypatch, 
     assert run(["merge", tmp_path / "missing", "--out", tmp_path / "m"], capsys)[0] == 2
     assert run(["merge", "--no-such-flag"], capsys)[0] == 2
     # 3: a bug: one line with the log path; the traceback is in the log, not on the terminal
-    import exporter.merge
+    import exporter.merge.plan
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("planted bug")
 
-    monkeypatch.setattr(exporter.merge, "build_plan", bug)
+    monkeypatch.setattr(exporter.merge.plan, "build_plan", bug)
     monkeypatch.setenv("LORAX_CACHE", str(tmp_path / "cache"))
     rc, err = run(["merge", nf4_adapter, "--out", tmp_path / "m"], capsys)
     assert rc == 3

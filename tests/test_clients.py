@@ -30,7 +30,7 @@ def model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(model_dir) -> dict[str, tuple[list[int], list[int]]]:
     """chat -> (prompt ids, greedy answer ids) from transformers; the stop chat ends on EOS early."""
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     hf = HFRunner(model_dir)
     ref = {c: (chat_ids(hf.tokenizer, c), hf.generate(chat_ids(hf.tokenizer, c), TOKENS)) for c in CHATS}

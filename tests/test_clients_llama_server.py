@@ -72,7 +72,7 @@ def server(tiny_model_dir, tmp_path_factory):
 
 
 def test_chat_completion_equals_reference_and_stops(server):
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     url, hf_dir = server
     hf = HFRunner(hf_dir)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cli import main
+from exporter.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBRIS = re.compile(r"\.tmp$|\.lock$|\.part$|\.old-\d+$")

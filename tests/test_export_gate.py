@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from adapters import make_adapter
 
-from exporter.cli import main
+from exporter.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_export_of_a_plain_peft_double_quant_adapter_needs_and_takes_double_quan
     but not with the trained model; --double-quant (now on export/check too) makes both exact."""
     from adapters import logits, sample_ids
 
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     adapter = tmp_path / "peft"
     trained = make_adapter(tiny_model_dir, adapter, trained_on="nf4", double_quant=True, seed=5, lorax_json=False)

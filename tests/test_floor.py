@@ -1,4 +1,4 @@
-"""The quantization floor and its lossless control (exporter.floor).
+"""The quantization floor and its lossless control (exporter.gate.floor).
 
 The floor may only explain rounding. Each whole-writer bug is planted in the writer itself (no undo), so the
 target, the control and the floor's file are all built with it, as a real converter bug would build them; the
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from exporter import registry
-from exporter.cli import main
-from exporter.floor import relax
+from exporter.cli.main import main
+from exporter.gate import registry
+from exporter.gate.floor import relax
 
 FLOOR = {"kld_mean": 0.19, "kld_p99": 3.6, "top1": 0.85, "ppl_ratio": 1.01}
 LOSSY = [("gguf", "q8_0"), ("gguf", "q4_k_m"), ("onnx", "int4")]
@@ -28,7 +28,7 @@ def test_relax_takes_the_worse_of_table_and_floor_up_to_the_cap():
     assert out["ppl_ratio"] == 1.30 and out["task_accuracy_drop"] == 0.05
     assert relax(table, {"kld_mean": 0.01}, fixed=set())["kld_mean"] == 0.15  # never tighter than the table
     assert relax(table, FLOOR, fixed={"kld_mean"})["kld_mean"] == 0.15  # the user's limit stands
-    # a floor that says "this type destroys the model" is capped (exporter.thresholds.FLOOR_CAP)
+    # a floor that says "this type destroys the model" is capped (exporter.gate.thresholds.FLOOR_CAP)
     huge = relax(table, {"kld_mean": 2.7, "kld_p99": 40.0, "top1": 0.40, "ppl_ratio": 3.0}, fixed=set())
     assert huge == {**table, "kld_mean": pytest.approx(0.30), "kld_p99": pytest.approx(6.0),
                     "top1": pytest.approx(0.70), "ppl_ratio": pytest.approx(1.625)}
@@ -46,7 +46,7 @@ def floor_decides(monkeypatch):
     flips ~10% of near-tied argmaxes (q8_0 here 0.91, its own floor 0.96); SmolLM2 gates top-1 for real.
     The cap on mean KLD is lifted (it is relative to the table's limit, here ~0): what stops a broken file
     below is the control alone; the cap has its own test above."""
-    from exporter import thresholds
+    from exporter.gate import thresholds
 
     monkeypatch.setitem(thresholds.FLOOR_CAP, "kld_mean", ("x", float("inf")))
     for key in LOSSY:
@@ -169,8 +169,8 @@ def test_unknown_or_ungated_types_are_refused_before_anything_is_written(adapter
 
 
 def test_every_offered_type_has_a_row_with_its_basis():
-    from exporter import export_cmd
-    from exporter.thresholds import HIGHER_IS_BETTER, limits_for
+    from exporter.cli import export as export_cmd
+    from exporter.gate.thresholds import HIGHER_IS_BETTER, limits_for
     from formats.gguf.quantize import LIBLLAMA_TYPES
     from formats.gguf.writer import DIRECT_TYPES
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from exporter import baseline, metrics
-from exporter.cli import main
+from exporter.cli.main import main
 from exporter.errors import LoraxError
-from exporter.thresholds import limits_for, parse_overrides, violations
+from exporter.gate import baseline, metrics
+from exporter.gate.thresholds import limits_for, parse_overrides, violations
 
 PROMPTS = [  # one record form per file, as for training data
     {"messages": [{"role": "user", "content": "Name a city."}, {"role": "assistant", "content": "Paris"}]},

@@ -12,7 +12,7 @@ import pytest
 from gguf import GGUFReader
 from gguf_helpers import build_lora, gguf_logits, reference
 
-from exporter.metrics import compare
+from exporter.gate.metrics import compare
 from formats.errors import FormatError
 from formats.gguf import arch
 from formats.gguf.adapter import gguf_alpha, write_lora_gguf

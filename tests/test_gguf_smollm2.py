@@ -53,7 +53,7 @@ def test_smollm2_tokenizer_conforms(smollm2_dir, smollm2_gguf, exported):
 
 def test_smollm2_generates_like_hf(smollm2_dir, exported):
     from formats.gguf.runner import GGUFRunner
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     hf = HFRunner(smollm2_dir)
     prompt = hf.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter import metrics
-from exporter.cli import main
+from exporter.cli.main import main
+from exporter.gate import metrics
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -85,7 +85,7 @@ def _dequantize_to_f32(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def smollm2_runners(smollm2_dir, smollm2_gguf, tmp_path_factory):
     from formats.gguf.runner import GGUFRunner
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     f32 = _dequantize_to_f32(smollm2_gguf, tmp_path_factory.mktemp("gguf") / "smollm2-f32.gguf")
     return HFRunner(smollm2_dir), GGUFRunner(f32), GGUFRunner(smollm2_gguf)
@@ -128,7 +128,7 @@ def test_smollm2_import_greedy_answers_match_llama_cpp(smollm2_runners):
 
 @pytest.mark.slow
 def test_smollm2_import_answers_a_chat_prompt(smollm2_dir):
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     hf = HFRunner(smollm2_dir)
     ids = hf.tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPTS[0]}],

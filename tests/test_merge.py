@@ -10,8 +10,8 @@ import torch
 from adapters import logits, make_adapter, sample_ids
 from safetensors.torch import load_file
 
-from exporter.merge import fold, lora_scale, merge_adapter
-from exporter.metrics import compare
+from exporter.gate.metrics import compare
+from exporter.merge.plan import fold, lora_scale, merge_adapter
 
 EXACT = 1e-4  # float32 logit tolerance: dequantize + fold reproduces the trained model up to rounding
 
@@ -66,7 +66,7 @@ def test_merge_matches_trained_model(adapter, tmp_path, ids, base_logits, traine
 
 
 def test_reference_rebuilds_the_trained_model(adapter, ids):
-    from exporter.reference import load_reference, read_adapter
+    from exporter.gate.reference import load_reference, read_adapter
 
     ad, trained = adapter("nf4", True)
     model, tokenizer = load_reference(read_adapter(ad))
@@ -112,7 +112,7 @@ def test_tied_embeddings_are_untied_when_the_adapter_changes_one_side(tiny_model
 def test_row_chunks_and_shards_give_identical_weights(adapter, tmp_path, monkeypatch):
     ad, _ = adapter("nf4", True)
     whole = load_file(merge_adapter(ad, tmp_path / "whole", progress=False) / "model.safetensors")
-    monkeypatch.setattr("exporter.merge_io.CHUNK_ELEMS", 1000)  # several row chunks per tensor, incl. 4-bit ones
+    monkeypatch.setattr("exporter.merge.io.CHUNK_ELEMS", 1000)  # several row chunks per tensor, incl. 4-bit ones
     out = merge_adapter(ad, tmp_path / "sharded", max_shard_bytes=100_000, progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))

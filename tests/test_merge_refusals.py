@@ -10,7 +10,7 @@ import torch
 from adapters import make_adapter
 from safetensors.torch import load_file, save_file
 
-from exporter.cli import main
+from exporter.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import pytest
 import torch
 from adapters import logits, make_adapter
 
-from exporter.merge import merge_adapter
-from exporter.metrics import compare
+from exporter.gate.metrics import compare
+from exporter.merge.plan import merge_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def bf16_base(smollm2_dir, tmp_path_factory):
 def test_merge_smollm2_exact_floor_and_naive(bf16_base, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exporter.reference import load_reference, read_adapter
+    from exporter.gate.reference import load_reference, read_adapter
 
     tok = AutoTokenizer.from_pretrained(bf16_base)
     ids = [list(tok(t)["input_ids"]) for t in TEXTS]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.metrics import compare, max_abs_logit
+from exporter.gate.metrics import compare, max_abs_logit
 from formats.errors import FormatError
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -61,7 +61,7 @@ def onnx_dirs(hf_dirs, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def runners(hf_dirs, onnx_dirs):
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
     from formats.onnx.runner import ONNXRunner
 
     return {a: (HFRunner(hf_dirs[a]), ONNXRunner(onnx_dirs[a])) for a in ARCHS}
@@ -170,7 +170,7 @@ def test_files_are_clean_and_provenance_is_true(onnx_dirs, hf_dirs):
     """transformers.js reads the template from tokenizer_config.json only; nothing tells a reader how
     lorax loaded its inputs; the recorded source is the dir as given, with digests of its files."""
     from formats.fsutil import sha256_file
-    from formats.hf_compat import DROP_CONFIG_KEYS, DROP_TOKENIZER_KEYS
+    from formats.hf.compat import DROP_CONFIG_KEYS, DROP_TOKENIZER_KEYS
 
     d, src = onnx_dirs["qwen2"], hf_dirs["qwen2"]
     tok = json.loads((d / "tokenizer_config.json").read_text())
@@ -184,7 +184,7 @@ def test_files_are_clean_and_provenance_is_true(onnx_dirs, hf_dirs):
 
 def test_patch_dir_drops_load_time_keys(tmp_path):
     """What `AutoTokenizer.from_pretrained(...).save_pretrained(...)` leaves in a dir, cleaned."""
-    from formats.hf_compat import patch_dir
+    from formats.hf.compat import patch_dir
 
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"is_local": True, "local_files_only": True, "name_or_path": "/tmp/x", "eos_token": "<|im_end|>",
@@ -213,7 +213,7 @@ def test_genai_config_matches_the_model_and_graph(onnx_dirs):
 
 def test_sliding_window_is_in_effect(runners, tiny_model_factory):
     """The mistral model above really slides: without the window its logits differ."""
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     hf, ox = runners["mistral"]
     assert hf.model.config.sliding_window == SLIDING_WINDOW["mistral"]
@@ -235,7 +235,7 @@ def test_runner_tokenizer_matches_hf(runners):
 
 def test_parity_check_fails_against_a_different_model(runners, tiny_model_factory):
     """The ONNX of one model against another model's logits (same arch, other seed) fails the f32 limits."""
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     _, ox = runners["llama"]
     other = HFRunner(tiny_model_factory(arch="llama", seed=1))
@@ -421,8 +421,8 @@ def test_quantized_exports(quantized_dirs, runners, tiny_model_factory, quant, r
     """Recorded (size, tokens/s, KLD, top-1); asserted: smaller, every weight MatMul quantized, cache
     still exact, and far closer to the model than a different model is. Tiny random weights have no structure,
     so KLD here is much worse than on a real model (see the SmolLM2 test)."""
-    from exporter.targets import open_target
-    from formats.hf import HFRunner
+    from exporter.gate.targets import open_target
+    from formats.hf.runner import HFRunner
     from formats.onnx.bundle import graph_path
     from formats.onnx.runner import ONNXRunner
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.metrics import compare, max_abs_logit
+from exporter.gate.metrics import compare, max_abs_logit
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def hf(smollm2_dir):
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     return HFRunner(smollm2_dir)
 
@@ -106,7 +106,7 @@ def test_float16(smollm2_dir, ref, ids, tmp_path):
 def test_quantized_recorded(f32_dir, f32, ref, ids, quant, tmp_path, record_property, capsys):
     import shutil
 
-    from exporter.thresholds import limits_for
+    from exporter.gate.thresholds import limits_for
     from formats.onnx.bundle import graph_path
     from formats.onnx.quantize import quantize
     from formats.onnx.runner import ONNXRunner
@@ -126,7 +126,7 @@ def test_quantized_recorded(f32_dir, f32, ref, ids, quant, tmp_path, record_prop
     with capsys.disabled():
         print("\n" + line)
     assert size < {"int8": 0.5, "int4": 0.4}[quant] * size32
-    # The gate's own limits for this type (exporter/thresholds.py) must hold on the real model.
+    # The gate's own limits for this type (exporter/gate/thresholds.py) must hold on the real model.
     limits = limits_for("onnx", quant)
     assert parity.kld_mean <= limits["kld_mean"], parity
     assert parity.top1 >= limits["top1"], parity

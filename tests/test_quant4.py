@@ -1,4 +1,4 @@
-"""exporter.quant4 against bitsandbytes itself: packed codes, absmax, double-quant stats and the
+"""exporter.merge.quant4 against bitsandbytes itself: packed codes, absmax, double-quant stats and the
 dequantized weights must be identical bit for bit (sign of zero included), for every quant type,
 input dtype and shape class (even/odd last dim, partial last block)."""
 
@@ -9,7 +9,7 @@ import torch
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-from exporter.quant4 import (  # noqa: E402
+from exporter.merge.quant4 import (  # noqa: E402
     Quant4Spec,
     block_absmax,
     dequantize,
@@ -115,7 +115,7 @@ def test_nan_weight_is_refused():
 
 
 def test_double_quant_uses_the_torch_kernel_only_when_it_matches_bnb(monkeypatch):
-    from exporter import quant4_nested as nested
+    from exporter.merge import quant4_nested as nested
 
     nested._quantize_8bit_impl.cache_clear()
     assert nested._quantize_8bit_impl() is nested._quantize_8bit_torch  # it matches the installed bnb

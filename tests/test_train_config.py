@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporter.cli import main
+from exporter.cli.main import main
 from train.command import command
 from train.config import TrainConfig, resolve
 from train.errors import TrainError

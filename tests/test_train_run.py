@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny_data import chat_records, prompt_completion_records, write_jsonl
 
-from exporter.cli import main
-from exporter.metrics import compare, max_abs_logit
+from exporter.cli.main import main
+from exporter.gate.metrics import compare, max_abs_logit
 from train.config import TrainConfig
 from train.errors import TrainError
 from train.lorax_json import weights_digest

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_train_run import cfg_for, eval_ids, logits, reload_reference
 
-from exporter.metrics import compare, max_abs_logit
+from exporter.gate.metrics import compare, max_abs_logit
 from train.run import train
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@
     lorax train --base base/ --data train.jsonl --out adapter/ --max-steps 50 --lr 2e-4 --rank 16
     lorax train --config train.yaml --no-quant --print-config
     lorax train --config train.yaml --resume          # continue from the last checkpoint
-    torchrun --nproc_per_node 2 -m exporter.cli train --config train.yaml
+    torchrun --nproc_per_node 2 -m exporter.cli.main train --config train.yaml
 
 The options are generated from `train.config.TrainConfig` (one table), so a flag cannot drift from
 its YAML key. Torch is imported only when training starts.

@@ -147,7 +147,7 @@ def quant_record(cfg: TrainConfig, model, base: Path) -> tuple[dict[str, Any], s
         # re-quantize from the same dtype to get the same 4-bit codes
         "load_dtype": str(qs.dtype).replace("torch.", ""),
         # double quant's mean(absmax) is a torch reduction whose last bit depends on the thread count on big
-        # weights (exporter.quant4.Quant4Spec.threads): the merge repeats it with this many threads
+        # weights (exporter.merge.quant4.Quant4Spec.threads): the merge repeats it with this many threads
         "torch_threads": torch.get_num_threads(),
     }
     return record, record["load_dtype"]

@@ -1,7 +1,7 @@
 """The training run: data -> base (4-bit) + LoRA -> transformers Trainer -> adapter dir + lorax.json.
 
     lorax train --config train.yaml [--resume] [--force]
-    torchrun --nproc_per_node 2 -m exporter.cli train --config train.yaml     # DDP, same command
+    torchrun --nproc_per_node 2 -m exporter.cli.main train --config train.yaml     # DDP, same command
 
 Checkpoints go to `<out>.checkpoints/` (beside the output, never inside it); the adapter dir is
 built in a temp dir and renamed into place only after the final eval, so an interrupted run leaves
@@ -318,7 +318,7 @@ def write_output(out: Path, force: bool, model, tok, eval_recs: data.Records | N
     with outputs.atomic_dir(out, force, lock=lock) as tmp:
         model.save_pretrained(tmp)  # PEFT: adapter_config.json + adapter_model.safetensors
         tok.save_pretrained(tmp)
-        from formats.hf_compat import patch_dir
+        from formats.hf.compat import patch_dir
 
         patch_dir(tmp)  # save_pretrained records how the tokenizer was loaded (is_local, ...): not shipped
         if eval_recs:

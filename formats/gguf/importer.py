@@ -16,7 +16,7 @@ from pathlib import Path
 
 from formats.fsutil import atomic_dir, sha256_file
 from formats.gguf.inspect import inspect_gguf
-from formats.hf_compat import patch_dir
+from formats.hf.compat import patch_dir
 from lorax_common.outputs import refuse_overlap
 
 DTYPES = ("float32", "bfloat16", "float16")

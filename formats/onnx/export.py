@@ -26,7 +26,7 @@ from pathlib import Path
 
 from formats.errors import FormatError
 from formats.fsutil import atomic_dir, sha256_file
-from formats.hf_compat import patch_dir
+from formats.hf.compat import patch_dir
 from formats.onnx import bundle, layout
 from formats.onnx.genai import write_genai_config
 from formats.onnx.quantize import DESCRIPTIONS, QUANTIZERS, quantize

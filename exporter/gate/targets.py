@@ -49,7 +49,7 @@ def open_runner(fmt: str, path: Path, name: str | None = None, lora: Path | None
         from formats.onnx.runner import ONNXRunner
 
         return ONNXRunner(path, name=name)
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     return HFRunner(path, dtype=dtype if dtype in ("float32", "float16", "bfloat16") else "float32", name=name)
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from exporter.errors import LoraxError
-from exporter.reference import AdapterInfo
+from exporter.gate.reference import AdapterInfo
 from lorax_common.files import read_json_object, weight_files
 
 # torch dtype -> safetensors dtype code
@@ -209,7 +209,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def write_support_files(info: AdapterInfo, out_dir: Path, out_dtype: str, untied: bool) -> None:
     """config (no quantization settings, legacy keys), generation config, tokenizer and chat template."""
-    from formats.hf_compat import patch_dir
+    from formats.hf.compat import patch_dir
 
     cfg = read_json_object(info.base_dir / "config.json", "a Hugging Face model config")
     cfg.pop("quantization_config", None)

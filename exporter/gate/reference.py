@@ -1,6 +1,6 @@
 """The reference: the model that was trained, rebuilt from an adapter directory.
 
-    from exporter.reference import read_adapter, load_reference
+    from exporter.gate.reference import read_adapter, load_reference
     info = read_adapter("adapter/")                      # lorax.json, or --trained-on for plain PEFT dirs
     model, tokenizer = load_reference(info)               # 4-bit base exactly as in training + the adapter
 
@@ -47,7 +47,7 @@ class TrainedOn:
     quant_storage: str = "uint8"
     # dtype transformers cast the base to at load time; bnb quantized the weights after that cast
     load_dtype: str = "float32"
-    torch_threads: int | None = None  # of the training process (see exporter.quant4.Quant4Spec.threads)
+    torch_threads: int | None = None  # of the training process (see exporter.merge.quant4.Quant4Spec.threads)
 
     @property
     def quantized(self) -> bool:
@@ -59,7 +59,7 @@ class TrainedOn:
     def quant_spec(self):
         import torch
 
-        from exporter.quant4 import Quant4Spec
+        from exporter.merge.quant4 import Quant4Spec
 
         return Quant4Spec(self.quant_type, self.blocksize, self.double_quant, getattr(torch, self.load_dtype),
                           self.torch_threads)
@@ -254,7 +254,7 @@ def load_tokenizer(info: AdapterInfo):
 
 def reference_runner(info: AdapterInfo, dtype: str | None = None):
     """The reference as a `formats.runner.Runner` (what the gate compares every artifact against)."""
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     model, tokenizer = load_reference(info, dtype)
     return HFRunner(info.adapter_dir, name="reference", model=model, tokenizer=tokenizer)
@@ -299,8 +299,8 @@ def score_candidates(info: AdapterInfo, dirs: dict[str, Path]) -> dict[str, dict
     """Parity of each candidate dir against the reference on calibration ids, one model in memory at a time."""
     import gc
 
-    from exporter.metrics import compare
-    from formats.hf import HFRunner
+    from exporter.gate.metrics import compare
+    from formats.hf.runner import HFRunner
 
     ref = reference_runner(info)
     ids = calibration_ids(info, ref.tokenizer)

@@ -1,6 +1,6 @@
 """Runner for a Hugging Face model directory (merged or base), in torch, float32 by default.
 
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
     r = HFRunner("merged/"); r.logits(r.tokenize("Hello"))
 """
 

@@ -45,7 +45,7 @@ def command(adapter_dir: str, out_dir: str, merge_base: str | None, dtype: str |
     """Fold a LoRA adapter into full weights (sharded safetensors + tokenizer + lorax.json)."""
     import json
 
-    from exporter.merge import merge_adapter
+    from exporter.merge.plan import merge_adapter
 
     out = merge_adapter(adapter_dir, out_dir, merge_base=merge_base, dtype=dtype, trained_on=trained_on,
                         double_quant=double_quant, base_dir=base_dir, force=force, verify=not no_verify_base,

@@ -1,6 +1,6 @@
 """Make the HF files lorax writes readable by transformers 4.x, transformers.js and other clients, and clean.
 
-    from formats.hf_compat import patch_dir
+    from formats.hf.compat import patch_dir
     patch_dir("dist/merged")      # lorax merge / lorax export / lorax import-gguf call it on what they write
 
 Measured (../shared/DESIGN.md): a `config.json` with only `rope_parameters` makes transformers 4.57

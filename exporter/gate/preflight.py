@@ -3,7 +3,7 @@
     lorax check adapter/ dist/model-q8_0.gguf --report out/ --thresholds limits.yaml
     # damaged GGUF, unwritable --report, a thresholds file that is not a metric: number mapping -> exit 2 at once
 
-The gate itself (exporter.gate) would otherwise meet these files minutes in, as tracebacks from gguf-py,
+The gate itself (exporter.gate.evaluate) would otherwise meet these files minutes in, as tracebacks from gguf-py,
 tokenizers or yaml, or, for an unwritable --report, only after the whole gate ran.
 """
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter import metrics
-from exporter.registry import lookup
-from exporter.samples import Sample
-from exporter.thresholds import FLOOR_CAP, limits_for, violations
+from exporter.gate import metrics
+from exporter.gate.registry import lookup
+from exporter.gate.samples import Sample
+from exporter.gate.thresholds import FLOOR_CAP, limits_for, violations
 
 # metric -> (kind, amount): "x" multiplies the floor's value (a maximum), "-" subtracts from it (a minimum).
 MARGIN: dict[str, tuple[str, float]] = {
@@ -120,7 +120,7 @@ class Floor:
     def merged(self) -> Path:
         """The merged weights the target was made from (given by the pipeline, else merged here)."""
         if self._merged is None:
-            from exporter.merge import merge_adapter
+            from exporter.merge.plan import merge_adapter
 
             self._merged = merge_adapter(self.adapter_dir, self.work / "merged", verify=False, progress=False,
                                          **self.merge_kw)
@@ -130,14 +130,14 @@ class Floor:
         """The base exactly as training computed with it, without the adapter."""
         out = self.work / "base-as-trained"
         if not out.exists():
-            from exporter.merge import merge_adapter
+            from exporter.merge.plan import merge_adapter
 
             merge_adapter(self.adapter_dir, out, verify=False, progress=False, adapter_weights=False,
                           **self.merge_kw)
         return out
 
     def _logits(self, fmt: str, path: Path) -> list[np.ndarray]:
-        from exporter.targets import open_runner
+        from exporter.gate.targets import open_runner
 
         runner = open_runner(fmt, path, name=f"probe:{path.name}")
         try:
@@ -147,7 +147,7 @@ class Floor:
 
     def control(self, fmt: str, ref_logits: list[np.ndarray]) -> Control:
         """The lossless control of `fmt` against the reference logits (cached per format)."""
-        from exporter.registry import build
+        from exporter.gate.registry import build
 
         merged = self.merged()
         dtype = control_type(fmt, merged)
@@ -163,7 +163,7 @@ class Floor:
 
     def measure(self, fmt: str, dtype: str) -> dict[str, float]:
         """Parity of the same type, made from the base as trained, against that base (cached per type)."""
-        from exporter.registry import build
+        from exporter.gate.registry import build
 
         key = (fmt, dtype.lower())
         if key not in self._floors:
@@ -178,8 +178,8 @@ class Floor:
 
     def original_base_gguf(self) -> Path:
         """A GGUF of the original base weights (exact type), to show what a LoRA GGUF costs over it."""
-        from exporter.reference import read_adapter
-        from exporter.registry import build
+        from exporter.gate.reference import read_adapter
+        from exporter.gate.registry import build
         from formats.gguf.writer import source_type
 
         base = read_adapter(self.adapter_dir, self.merge_kw.get("trained_on"), self.merge_kw.get("double_quant", False),

@@ -13,7 +13,7 @@ def _tokenizer_for(artifact: str, tokenizer_dir: str | None):
     from transformers import AutoTokenizer
 
     from exporter.errors import LoraxError
-    from exporter.targets import onnx_dir
+    from exporter.gate.targets import onnx_dir
 
     p = Path(artifact)
     for cand in ([tokenizer_dir] if tokenizer_dir else []) + [p if p.is_dir() else None, onnx_dir(p) if p.is_dir() else None]:
@@ -37,7 +37,7 @@ def command() -> None:
 @click.option("--max-samples", type=click.IntRange(min=1), default=None)
 @click.option("--force", is_flag=True, help="Replace an existing baseline file.")
 def save_cmd(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples, force) -> None:
-    from exporter.preflight import check_artifacts
+    from exporter.gate.preflight import check_artifacts
     from formats.fsutil import refuse_existing
     from lorax_common.outputs import output_lock, refuse_overlap
 
@@ -49,9 +49,9 @@ def save_cmd(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples
 
 
 def _save(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples, force, lock) -> None:
-    from exporter import baseline
-    from exporter.samples import build, load_rows
-    from exporter.targets import open_target
+    from exporter.gate import baseline
+    from exporter.gate.samples import build, load_rows
+    from exporter.gate.targets import open_target
     from formats.fsutil import atomic_file
 
     rows, _ = load_rows(prompts)
@@ -77,12 +77,12 @@ def _save(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples, f
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE")
 def compare_cmd(artifact, baseline_path, prompts, tokenizer_dir, thresholds) -> None:
-    from exporter import baseline
     from exporter.errors import GateFailed, LoraxError
-    from exporter.preflight import check_artifacts
-    from exporter.samples import build, load_rows
-    from exporter.targets import open_target
-    from exporter.thresholds import DRIFT_THRESHOLDS, parse_overrides, violations
+    from exporter.gate import baseline
+    from exporter.gate.preflight import check_artifacts
+    from exporter.gate.samples import build, load_rows
+    from exporter.gate.targets import open_target
+    from exporter.gate.thresholds import DRIFT_THRESHOLDS, parse_overrides, violations
 
     data = baseline.load(baseline_path)
     check_artifacts([artifact])

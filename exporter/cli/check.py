@@ -36,12 +36,12 @@ def command(adapter, artifacts, base, trained_on, double_quant, lora, prompts, r
 
     Lossy types (GGUF q8_0..q4_0, ONNX int8/int4) also get a lossless control: the same writer's exact file
     of the same merged weights, held to the lossless limits; a quantization floor can only relax a limit
-    when that control passed, and never past the cap in exporter/thresholds.py."""
-    from exporter.check import GateOptions, check
+    when that control passed, and never past the cap in exporter/gate/thresholds.py."""
     from exporter.errors import LoraxError
-    from exporter.preflight import check_artifacts, check_thresholds_yaml
-    from exporter.report import to_markdown
-    from exporter.thresholds import parse_overrides
+    from exporter.gate.check import GateOptions, check
+    from exporter.gate.preflight import check_artifacts, check_thresholds_yaml
+    from exporter.gate.report import to_markdown
+    from exporter.gate.thresholds import parse_overrides
     from lorax_common.outputs import check_writable_dir
 
     # bad inputs and an unwritable --report fail now, not after the whole gate ran

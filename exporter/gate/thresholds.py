@@ -1,4 +1,4 @@
-"""Parity thresholds: the registry's rows (exporter.registry), overridable by flags or a YAML file.
+"""Parity thresholds: the registry's rows (exporter.gate.registry), overridable by flags or a YAML file.
 
     lorax check adapter/ dist/model-q4_k_m.gguf --threshold kld_mean=0.2 --thresholds my.yaml
 
@@ -50,7 +50,7 @@ def limits_for(fmt: str, dtype: str, overrides: dict[str, float | None] | None =
                positions: int | None = None) -> dict[str, float]:
     """The registry row of (fmt, dtype) with the user's overrides; tail limits dropped on too few positions
     (unless the user set them)."""
-    from exporter.registry import lookup
+    from exporter.gate.registry import lookup
 
     out = dict(lookup(fmt, dtype).limits)
     if positions is not None and positions < MIN_TAIL_POSITIONS:

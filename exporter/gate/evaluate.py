@@ -2,9 +2,9 @@
 
     lorax check adapter/ dist/model-f32.gguf dist/model-q4_k_m.gguf dist/onnx --report dist/
 
-The reference is the model as trained (exporter.reference: base quantized as in training + adapter).
+The reference is the model as trained (exporter.gate.reference: base quantized as in training + adapter).
 Every target gets the reference tokenizer's ids; a target whose own tokenizer would produce other
-ids fails on that alone, because in use it would see different tokens. Metrics: exporter.metrics.
+ids fails on that alone, because in use it would see different tokens. Metrics: exporter.gate.metrics.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from exporter import metrics
-from exporter.samples import Sample
-from exporter.targets import Target
-from exporter.thresholds import MIN_TAIL_POSITIONS, TAIL_METRICS, limits_for, violations
+from exporter.gate import metrics
+from exporter.gate.samples import Sample
+from exporter.gate.targets import Target
+from exporter.gate.thresholds import MIN_TAIL_POSITIONS, TAIL_METRICS, limits_for, violations
 
 
 @dataclass
@@ -31,7 +31,7 @@ class TargetResult:
     failures: list[str]
     passed: bool
     kld_positions: list[float] = field(default_factory=list, repr=False)
-    # the same type made from the base as trained, against that base (exporter.floor); None = not measured
+    # the same type made from the base as trained, against that base (exporter.gate.floor); None = not measured
     floor: dict[str, float] | None = None
     # the lossless file of the same writer from the same merged weights, against the reference (lossy types)
     control: dict | None = None
@@ -137,7 +137,7 @@ def evaluate_target(target: Target, samples: list[Sample], ref: RefOutputs, toke
 
 def _evaluate(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer, gen_tokens: int,
               ref_accuracy: float | None, overrides: dict | None, floor) -> TargetResult:
-    from exporter.floor import applies, relax
+    from exporter.gate.floor import applies, relax
 
     mismatch, logits, gens = run_target(target, samples, tokenizer, gen_tokens)
     failures: list[str] = [mismatch] if mismatch else []

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from exporter.errors import LoraxError
-from exporter.metrics import greedy_match, log_softmax
-from exporter.samples import Sample, fingerprint
+from exporter.gate.metrics import greedy_match, log_softmax
+from exporter.gate.samples import Sample, fingerprint
 from lorax_common.files import read_json_object
 
 FORMAT_VERSION = 1

@@ -41,10 +41,10 @@ EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in E
 COMMANDS: dict[str, tuple[str, str]] = {
     "import-gguf": ("formats.gguf.import_cmd:command", "Turn a GGUF causal LM into a Hugging Face model directory."),
     "train": ("train.command:command", "QLoRA-train a LoRA adapter on a 4-bit base (writes adapter/ + lorax.json)."),
-    "merge": ("exporter.merge_cmd:command", "Fold an adapter into full weights, exactly as the base was quantized in training."),
-    "export": ("exporter.export_cmd:command", "Merge, write GGUF / ONNX, and run the parity gate on every artifact."),
-    "check": ("exporter.check_cmd:command", "Parity gate: compare artifacts with the model as trained (exit 1 on drift)."),
-    "baseline": ("exporter.baseline_cmd:command", "Save golden outputs of an artifact / compare a new build against them."),
+    "merge": ("exporter.cli.merge:command", "Fold an adapter into full weights, exactly as the base was quantized in training."),
+    "export": ("exporter.cli.export:command", "Merge, write GGUF / ONNX, and run the parity gate on every artifact."),
+    "check": ("exporter.cli.check:command", "Parity gate: compare artifacts with the model as trained (exit 1 on drift)."),
+    "baseline": ("exporter.cli.baseline:command", "Save golden outputs of an artifact / compare a new build against them."),
 }
 
 

@@ -1,6 +1,6 @@
 """Exact NF4/FP4 round trip, bit-identical to bitsandbytes on CPU, several times faster.
 
-    from exporter.quant4 import Quant4Spec, round_trip
+    from exporter.merge.quant4 import Quant4Spec, round_trip
     w_trained = round_trip(w, Quant4Spec("nf4", blocksize=64, double_quant=True))
 
 Serves `lorax merge --merge-base quantized`: a QLoRA adapter was trained on top of
@@ -17,7 +17,7 @@ so narrow that at most one code midpoint lies inside a cell (checked when the ta
 q = base[cell] + (s > midpoint[cell]) is exactly bucketize's answer, whatever rounding put s in that cell.
 Work runs over L2-sized chunks with buffers reused between chunks: touching fresh pages for full-size
 temporaries cost more than the arithmetic itself. The 8-bit double quantization of the absmax vector
-lives in exporter.quant4_nested.
+lives in exporter.merge.quant4_nested.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 # Imported now, not lazily: it records this process's torch thread count before any merge narrows it.
-from exporter.quant4_nested import dequantize_nested, double_quantize
+from exporter.merge.quant4_nested import dequantize_nested, double_quantize
 
 QUANT_TYPES = ("nf4", "fp4")
 _CELLS = 4096  # cells per unit of s; FP4's closest midpoints are 0.0026 apart, 3 cells span 0.0007

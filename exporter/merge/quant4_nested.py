@@ -1,6 +1,6 @@
 """bitsandbytes' double quantization, exactly: the per-block absmax vector of a 4-bit weight, 8-bit quantized.
 
-    from exporter.quant4_nested import double_quantize
+    from exporter.merge.quant4_nested import double_quantize
     scale, codes, offset, absmax2 = double_quantize(absmax)   # scale: what the 4-bit dequantizer multiplies by
 
 bnb (functional.quantize_4bit, compress_statistics=True): offset = absmax.mean(); the vector absmax - offset

@@ -3,7 +3,7 @@
     lorax check adapter/ dist/model-q8_0.gguf dist/onnx dist/merged --report dist/
     lorax check adapter/ dist/base-as-trained-f32.gguf --lora dist/model-lora-f32.gguf
 
-    from exporter.check import GateOptions, check
+    from exporter.gate.check import GateOptions, check
     report = check("adapter/", ["dist/model-q8_0.gguf"], GateOptions(report_dir="dist/"))
 """
 
@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.errors import LoraxError
-from exporter.gate import Report, run_gate
-from exporter.registry import lookup
-from exporter.report import write_report
-from exporter.samples import build, load_rows
-from exporter.targets import Target, open_target
+from exporter.gate.evaluate import Report, run_gate
+from exporter.gate.registry import lookup
+from exporter.gate.report import write_report
+from exporter.gate.samples import build, load_rows
+from exporter.gate.targets import Target, open_target
 
 
 @dataclass
@@ -47,12 +47,12 @@ def is_adapter(path: str | Path) -> bool:
 def reference_runner(source: str | Path, opts: GateOptions):
     """The model as trained: for an adapter dir, its base quantized as in training + the adapter;
     for a plain HF model dir, that model itself (float32)."""
-    from formats.hf import HFRunner
+    from formats.hf.runner import HFRunner
 
     source = Path(source)
     if is_adapter(source):
-        from exporter.reference import read_adapter
-        from exporter.reference import reference_runner as adapter_reference
+        from exporter.gate.reference import read_adapter
+        from exporter.gate.reference import reference_runner as adapter_reference
 
         return adapter_reference(read_adapter(source, opts.trained_on, opts.double_quant, opts.base))
     if (source / "config.json").is_file():
@@ -84,7 +84,7 @@ def _targets(source: Path, artifacts: list, opts: GateOptions, floor) -> list[Ta
 
 
 def _trained_quantized(source: Path, opts: GateOptions) -> bool:
-    from exporter.reference import read_adapter
+    from exporter.gate.reference import read_adapter
 
     return read_adapter(source, opts.trained_on, opts.double_quant, opts.base).trained_on.quantized
 
@@ -92,7 +92,7 @@ def _trained_quantized(source: Path, opts: GateOptions) -> bool:
 def check(source: str | Path, artifacts: list, opts: GateOptions | None = None) -> Report:
     """Gate every artifact against the model as trained; write the report when `opts.report_dir` is set.
     The verdict is in the returned Report (callers decide the exit code)."""
-    from exporter.floor import Floor
+    from exporter.gate.floor import Floor
 
     opts = opts or GateOptions()
     source = Path(source)

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from exporter.gate import Report, TargetResult
+from exporter.gate.evaluate import Report, TargetResult
 
 COLUMNS = [  # (metric, header, format)
     ("kld_mean", "mean KLD", "{:.2e}"),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from exporter.registry import lookup, offered
+from exporter.gate.registry import lookup, offered
 
-# every type offered here has a threshold row (exporter.registry); the rest are not offered
+# every type offered here has a threshold row (exporter.gate.registry); the rest are not offered
 QUANTS = click.Choice(offered("gguf"), case_sensitive=False)
 ONNX_QUANTS = [t for t in offered("onnx") if lookup("onnx", t).quantized]
 
@@ -46,9 +46,9 @@ def command(source, out_dir, gguf, quants, gguf_adapter, onnx, onnx_dtype, onnx_
     Killed during the gate? Run the same command again: DIR's lorax.json says the gate is pending and
     the rerun gates the files already built."""
     from exporter.errors import GateFailed, LoraxError
+    from exporter.gate.report import to_markdown
+    from exporter.gate.thresholds import parse_overrides
     from exporter.pipeline import ExportOptions, export
-    from exporter.report import to_markdown
-    from exporter.thresholds import parse_overrides
 
     try:
         overrides = parse_overrides(thresholds, None)

@@ -7,7 +7,7 @@ A type without a row here is not offered by the CLI and is refused before anythi
 supported list: the gate can only promise what it can judge. Each row says where its numbers come from.
 
 `control` names the lossless type of the same writer that must pass its own (lossless) limits before a
-quantization floor may relax a lossy type's limits (exporter.floor): a writer bug that hits every file it
+quantization floor may relax a lossy type's limits (exporter.gate.floor): a writer bug that hits every file it
 writes (q/k rows, rope theta, norm epsilon, a swapped tensor) also inflates the floor, but it cannot hide
 from a lossless file measured against the trained model.
 

@@ -4,14 +4,14 @@
     lorax merge adapter/ --out merged/ --merge-base auto      # build both bases, keep the closer one
     lorax merge peft_dir/ --out merged/ --trained-on nf4      # a plain PEFT adapter (no lorax.json)
 
-    from exporter.merge import merge_adapter                  # what `lorax export` calls
+    from exporter.merge.plan import merge_adapter                  # what `lorax export` calls
     merge_adapter("adapter/", "merged/")
 
 A QLoRA adapter was trained on top of dequant(NF4(W)), not on W: folding it into W ships a model that
 differs from the trained one (SmolLM2: mean KLD 0.46 for the base alone, ../shared/DESIGN.md). So every
-weight bitsandbytes quantized in training is re-created bit for bit (exporter.quant4), dequantized, and
+weight bitsandbytes quantized in training is re-created bit for bit (exporter.merge.quant4), dequantized, and
 the adapter added in float32: W' = deq(q(W)) + scale * B @ A. The base is streamed tensor by tensor in
-row chunks (exporter.merge_io), so peak memory is about one chunk, not the model.
+row chunks (exporter.merge.io), so peak memory is about one chunk, not the model.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from exporter.errors import LoraxError
-from exporter.merge_io import Buffers, read_job_rows, row_ranges
-from exporter.reference import AdapterInfo, BaseLayout
+from exporter.gate.reference import AdapterInfo, BaseLayout
+from exporter.merge.io import Buffers, read_job_rows, row_ranges
 
 MERGE_BASES = ("auto", "quantized", "original")
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -204,7 +204,7 @@ class _Ctx:
 def _stripe(job: Job, rows: tuple[int, int] | None, spec, scale: torch.Tensor | None, f32: torch.Tensor,
             out: torch.Tensor) -> None:
     """Rows of one output tensor: read, (4-bit round trip), fold, check, cast into `out`. Single-threaded."""
-    from exporter import quant4
+    from exporter.merge import quant4
 
     with quant4.serial():
         src = read_job_rows(job, rows)
@@ -234,7 +234,7 @@ def _stripe(job: Job, rows: tuple[int, int] | None, spec, scale: torch.Tensor | 
 
 def merge_job(job: Job, ctx: _Ctx, emit) -> None:
     """Stream one output tensor chunk by chunk into emit(); each chunk's rows are split over the cores."""
-    from exporter import quant4
+    from exporter.merge import quant4
 
     spec = ctx.spec
     target = ctx.out_dtype if job.dtype.is_floating_point else job.dtype
@@ -287,8 +287,8 @@ def write_weights(plan: Plan, info: AdapterInfo, out_dir: Path, out_dtype: torch
 
     from tqdm import tqdm
 
-    from exporter import quant4
-    from exporter.merge_io import AsyncWriter, ShardedWriter, TensorSpec
+    from exporter.merge import quant4
+    from exporter.merge.io import AsyncWriter, ShardedWriter, TensorSpec
 
     spec = info.trained_on.quant_spec() if info.trained_on.quantized else None
     specs = [TensorSpec(j.name, out_dtype if j.dtype.is_floating_point else j.dtype, j.shape) for j in plan.jobs]
@@ -352,13 +352,13 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, merge_base: str 
     """Merge an adapter into full weights at out_dir (complete or absent: built aside, renamed at the end).
 
     `adapter_weights=False` writes the base exactly as training computed with it and nothing of the adapter
-    (the gate's quantization floor, exporter.floor, quantizes it)."""
+    (the gate's quantization floor, exporter.gate.floor, quantizes it)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from safetensors.torch import load_file
 
-    from exporter.merge_io import base_tensors, write_support_files
-    from exporter.reference import FLOAT_DTYPES, base_layout, read_adapter
+    from exporter.gate.reference import FLOAT_DTYPES, base_layout, read_adapter
+    from exporter.merge.io import base_tensors, write_support_files
     from formats.fsutil import atomic_dir, refuse_existing
     from lorax_common.outputs import output_lock, refuse_overlap
 
@@ -402,8 +402,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, merge_base: str 
 def _finish(info: AdapterInfo, mode: str, requested: str | None, out_dtype: str, plans: dict[str, Plan],
             dirs: dict[str, Path], digests: dict[str, dict[str, str]], tmp: Path) -> None:
     """Keep the chosen candidate (auto: the one closer to the trained model) and write lorax.json."""
-    from exporter.merge_io import lorax_record
-    from exporter.reference import score_candidates
+    from exporter.gate.reference import score_candidates
+    from exporter.merge.io import lorax_record
 
     chosen = mode
     merge: dict[str, Any] = {"merge_base": mode, "requested": requested or "default", "dtype": out_dtype}
