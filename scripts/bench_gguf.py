@@ -26,8 +26,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from lorax_common.cache import cache_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("LORAX_CACHE", Path.home() / ".cache" / "lorax")) / "bench"
+CACHE = cache_dir() / "bench"
 CONVERTER = "convert_hf_to_gguf.py"
 # what the converter needs next to it (its model classes and its own gguf-py)
 PEER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")

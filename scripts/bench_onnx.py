@@ -95,8 +95,8 @@ def side_main(args: argparse.Namespace) -> int:
 # ---- the comparison ------------------------------------------------------------------------------
 
 def cached_export(model_dir: Path) -> Path:
-    from exporter.default_model import cache_dir
     from formats.onnx.export import export_onnx
+    from lorax_common.cache import cache_dir
 
     out = cache_dir() / "bench" / f"onnx-{model_dir.name}-int4"
     meta = out / "lorax.json"

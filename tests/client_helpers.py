@@ -51,7 +51,7 @@ def npm_dir() -> Path | None:
     onnxruntime-node ship inside the package, its postinstall would only fetch GPU ones."""
     if shutil.which("npm") is None or shutil.which("node") is None:
         return None
-    from exporter.default_model import cache_dir
+    from lorax_common.cache import cache_dir
 
     d = cache_dir() / "npm" / f"transformers-js-{TRANSFORMERS_JS}"
     installed = d / "node_modules" / "@huggingface" / "transformers" / "package.json"

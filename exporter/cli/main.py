@@ -89,7 +89,7 @@ def crash_log(exc: BaseException, argv: list[str] | None) -> Path | None:
     import os
     import tempfile
 
-    from exporter.default_model import cache_dir
+    from lorax_common.cache import cache_dir
 
     name = f"crash-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
     text = (f"lorax {' '.join(sys.argv[:1] + list(argv if argv is not None else sys.argv[1:]))}\n"
