@@ -262,7 +262,7 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from exporter.default_model import hf_dir
+    from default_model import hf_dir
 
     CACHE.mkdir(parents=True, exist_ok=True)
     peer = find_peer(args.peer)

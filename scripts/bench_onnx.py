@@ -139,7 +139,7 @@ def main() -> int:
     if args.quick:
         args.tokens, args.rounds = 32, 1
     if args.model is None:
-        from exporter.default_model import hf_dir
+        from default_model import hf_dir
 
         args.model = hf_dir()
     onnx_dir = args.onnx or cached_export(args.model)

@@ -145,7 +145,7 @@ def main() -> None:
 
     if args.base is None:
         sys.path.insert(0, str(REPO))
-        from exporter.default_model import hf_dir
+        from default_model import hf_dir
 
         args.base = hf_dir()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

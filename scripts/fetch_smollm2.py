@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from exporter.default_model import gguf_path, hf_dir
+from default_model import gguf_path, hf_dir
 
 if __name__ == "__main__":
     print(f"SmolLM2 GGUF: {gguf_path(fetch=True)}")

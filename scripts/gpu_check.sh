@@ -21,7 +21,7 @@ $PY - <<'PY' | tee "$OUT/versions.txt"
 from exporter.versions import version_report; print(version_report())
 PY
 $PY scripts/make_demo_data.py --out "$OUT/data"
-BASE=$($PY -c "from exporter.default_model import hf_dir; print(hf_dir())")
+BASE=$(PYTHONPATH=scripts $PY -c "from default_model import hf_dir; print(hf_dir())")
 START=$(date +%s.%N)
 .venv-gpu/bin/lorax train --base "$BASE" --data "$OUT/data/train.jsonl" --eval-data "$OUT/data/eval.jsonl" \
   --out "$OUT/adapter" --max-steps 30 --batch-size 8 --lr 1e-3 --max-seq-len 160 --compute-dtype bfloat16 --force

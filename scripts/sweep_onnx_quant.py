@@ -69,7 +69,7 @@ def main() -> int:
     if args.onnx is None:
         from bench_onnx import cached_export
 
-        from exporter.default_model import hf_dir
+        from default_model import hf_dir
 
         args.onnx = cached_export(hf_dir())
     work = args.onnx.parent / f"sweep-{args.onnx.name}"

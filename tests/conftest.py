@@ -49,7 +49,7 @@ def nf4_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from exporter.default_model import gguf_path
+    from default_model import gguf_path
 
     try:
         return gguf_path()
@@ -60,6 +60,6 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf: Path) -> Path:
     """SmolLM2-135M-Instruct imported from its GGUF into an HF dir (cached under the lorax cache dir)."""
-    from exporter.default_model import hf_dir
+    from default_model import hf_dir
 
     return hf_dir()

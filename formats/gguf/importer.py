@@ -20,7 +20,7 @@ from formats.hf.compat import patch_dir
 from lorax_common.outputs import refuse_overlap
 
 DTYPES = ("float32", "bfloat16", "float16")
-# Bump when the import output changes, so cached imports (exporter.default_model) are redone.
+# Bump when the import output changes, so cached imports (scripts/default_model.py) are redone.
 IMPORTER_VERSION = 2
 
 # llama.cpp pre-tokenizer name (tokenizer.ggml.pre) -> the HF pre-tokenizer that splits text the same way.
