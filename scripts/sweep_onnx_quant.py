@@ -68,7 +68,6 @@ def main() -> int:
 
     if args.onnx is None:
         from bench_onnx import cached_export
-
         from default_model import hf_dir
 
         args.onnx = cached_export(hf_dir())
