@@ -43,7 +43,7 @@ def build_base(out: Path, size: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from exporter.merge.io import ShardedWriter, TensorSpec
+    from formats.hf.writer import ShardedWriter, TensorSpec
 
     if (out / "config.json").exists():
         return out

@@ -15,11 +15,11 @@ import sys
 
 # stage -> (module, attribute, calls let through before the kill)
 STAGES: dict[str, tuple[str, str, int]] = {
-    "merge": ("exporter.merge.io", "ShardedWriter._emit", 1),         # safetensors header written, no tensor bytes
+    "merge": ("formats.hf.writer", "ShardedWriter._emit", 1),        # safetensors header written, no tensor bytes
     "gguf": ("formats.gguf.writer", "_StreamedTensor.tofile", 2),     # two tensors of the GGUF written
     "quantize": ("llama_cpp", "llama_model_quantize", 0),             # staged f32 intermediate, quant under way
     "onnx": ("formats.onnx.export", "write_side_files", 0),           # model.onnx traced into staging
-    "gate": ("exporter.gate.check", "check", 0),                          # dist/ published, gate never ran
+    "gate": ("exporter.gate.check", "check", 0),                     # dist/ published, gate never ran
 }
 
 

@@ -233,12 +233,12 @@ def test_an_out_that_appears_during_the_run_is_not_replaced(nf4_adapter, tmp_pat
 
 def test_disk_full_is_exit_2_naming_the_output_and_leaves_nothing(nf4_adapter, tmp_path, monkeypatch, capsys):
     """Finding 4: ENOSPC while the shards are written (planted in the writer's own write call)."""
-    import exporter.merge.io as merge_io
+    import formats.hf.writer as hf_writer
 
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(merge_io.ShardedWriter, "_emit", full)
+    monkeypatch.setattr(hf_writer.ShardedWriter, "_emit", full)
     rc, err = run(["merge", nf4_adapter, "--out", tmp_path / "merged"], capsys)
     assert rc == 2
     line = error_line(err)

@@ -288,7 +288,7 @@ def write_weights(plan: Plan, info: AdapterInfo, out_dir: Path, out_dtype: torch
     from tqdm import tqdm
 
     from exporter.merge import quant4
-    from exporter.merge.io import AsyncWriter, ShardedWriter, TensorSpec
+    from formats.hf.writer import AsyncWriter, ShardedWriter, TensorSpec
 
     spec = info.trained_on.quant_spec() if info.trained_on.quantized else None
     specs = [TensorSpec(j.name, out_dtype if j.dtype.is_floating_point else j.dtype, j.shape) for j in plan.jobs]
