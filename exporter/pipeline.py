@@ -28,7 +28,8 @@ from pathlib import Path
 from exporter import __version__
 from exporter.errors import LoraxError
 from exporter.publish import export_inputs, pending, pending_gate, request_of, write_json_atomic
-from formats.fsutil import atomic_dir, sha256_file
+from formats.fsutil import atomic_dir
+from lorax_common.hashing import sha256_file
 from lorax_common.outputs import OutputLock, output_lock, refuse_overlap
 
 

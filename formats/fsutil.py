@@ -8,7 +8,6 @@ module adds the formats' own error type for the existence check).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,11 +35,3 @@ def atomic_file(dest: str | Path, force: bool = False, lock: OutputLock | None =
     refuse_existing(Path(dest), force)
     with outputs.atomic_file(dest, force, lock) as tmp:
         yield tmp
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

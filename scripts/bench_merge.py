@@ -75,7 +75,7 @@ def build_adapter(base: Path, out: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from formats.fsutil import sha256_file
+    from lorax_common.hashing import sha256_file
 
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(1)

@@ -16,9 +16,9 @@ from gguf import GGUFReader
 from gguf_helpers import parity
 
 from formats.errors import FormatError
-from formats.fsutil import sha256_file
 from formats.gguf import export as export_mod
 from formats.gguf.export import export_gguf, parse_quants
+from lorax_common.hashing import sha256_file
 
 
 def types_in(path) -> Counter:

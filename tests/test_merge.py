@@ -126,7 +126,7 @@ def test_row_chunks_and_shards_give_identical_weights(adapter, tmp_path, monkeyp
 
 
 def test_output_dtype_and_merged_dir_contents(adapter, tmp_path):
-    from formats.fsutil import sha256_file
+    from lorax_common.hashing import sha256_file
 
     ad, _ = adapter("nf4")
     f32 = load_file(merge_adapter(ad, tmp_path / "f32", progress=False) / "model.safetensors")
@@ -158,7 +158,7 @@ def test_auto_builds_both_and_keeps_the_closer(adapter, tmp_path):
 
 
 def sha(path):
-    from formats.fsutil import sha256_file
+    from lorax_common.hashing import sha256_file
 
     return sha256_file(path)
 

@@ -169,8 +169,8 @@ def test_side_files_read_in_transformers_4(onnx_dirs, hf_dirs):
 def test_files_are_clean_and_provenance_is_true(onnx_dirs, hf_dirs):
     """transformers.js reads the template from tokenizer_config.json only; nothing tells a reader how
     lorax loaded its inputs; the recorded source is the dir as given, with digests of its files."""
-    from formats.fsutil import sha256_file
     from formats.hf.compat import DROP_CONFIG_KEYS, DROP_TOKENIZER_KEYS
+    from lorax_common.hashing import sha256_file
 
     d, src = onnx_dirs["qwen2"], hf_dirs["qwen2"]
     tok = json.loads((d / "tokenizer_config.json").read_text())

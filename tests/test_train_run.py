@@ -13,9 +13,9 @@ from tiny_data import chat_records, prompt_completion_records, write_jsonl
 
 from exporter.cli.main import main
 from exporter.gate.metrics import compare, max_abs_logit
+from lorax_common.hashing import weights_digest
 from train.config import TrainConfig
 from train.errors import TrainError
-from train.lorax_json import weights_digest
 from train.run import train
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lorax_common import outputs
+from lorax_common.hashing import hash_tree
 from train import data, lorax_json
 from train.config import TrainConfig, check_trainer_names, checkpoint_dir, require, to_dict
 from train.errors import TrainError
@@ -293,7 +294,7 @@ def build_record(cfg: TrainConfig, p: Prepared, model, run: dict[str, Any], metr
                                     hub_id=None if Path(cfg.base).exists() else cfg.base),
         quantization=p.quant,
         lora=lora_record(model),
-        data={"path": str(data_path.resolve()), "sha256": lorax_json.hash_tree(data_path),
+        data={"path": str(data_path.resolve()), "sha256": hash_tree(data_path),
               "format": p.train_recs.format,
               "eval_path": str(Path(cfg.eval_data).resolve()) if cfg.eval_data else None,
               "eval_fraction": 0.0 if cfg.eval_data else cfg.eval_fraction,

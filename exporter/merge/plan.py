@@ -321,17 +321,14 @@ def resolve_merge_base(requested: str | None, info: AdapterInfo) -> str:
 
 def verify_base(info: AdapterInfo, stop: threading.Event | None = None) -> None:
     """Refuse a base whose weight files changed since training (lorax.json records their sha256)."""
-    import hashlib
+    from lorax_common.hashing import sha256_file
 
     for name, digest in ((info.lorax or {}).get("base", {}).get("files") or {}).items():
-        path, h = info.base_dir / name, hashlib.sha256()
-        if path.exists():
-            with open(path, "rb") as f:
-                while (block := f.read(1 << 22)) and not (stop and stop.is_set()):
-                    h.update(block)
+        path = info.base_dir / name
+        actual = sha256_file(path, stop) if path.exists() else None
         if stop and stop.is_set():
             return
-        if not path.exists() or h.hexdigest() != digest:
+        if actual != digest:
             raise LoraxError(f"base file {path} is missing or differs from the one the adapter was trained on "
                              "(sha256 in lorax.json); merge against that exact base, or pass --no-verify-base")
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from formats.errors import FormatError
-from formats.fsutil import refuse_existing, sha256_file
+from formats.fsutil import refuse_existing
 from formats.gguf.adapter import write_lora_gguf
 from formats.gguf.arch import caveats, hparams
 from formats.gguf.quantize import LIBLLAMA_TYPES, quantize_gguf
 from formats.gguf.writer import DIRECT_TYPES, read_config, source_type, write_gguf
+from lorax_common.hashing import sha256_file
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from formats.fsutil import atomic_dir, sha256_file
+from formats.fsutil import atomic_dir
 from formats.gguf.inspect import inspect_gguf
 from formats.hf.compat import patch_dir
+from lorax_common.hashing import sha256_file
 from lorax_common.outputs import refuse_overlap
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from formats.errors import FormatError
-from formats.fsutil import atomic_dir, sha256_file
+from formats.fsutil import atomic_dir
 from formats.hf.compat import patch_dir
 from formats.onnx import bundle, layout
 from formats.onnx.genai import write_genai_config
 from formats.onnx.quantize import DESCRIPTIONS, QUANTIZERS, quantize
+from lorax_common.hashing import sha256_file
 
 DTYPES = ("float32", "float16")
 
