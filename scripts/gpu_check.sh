@@ -18,7 +18,7 @@ CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) $PY -m pip install -q -e '.[dev]'
 $PY -m pip uninstall -y -q onnxruntime && $PY -m pip install -q onnxruntime-gpu
 $PY scripts/fetch_smollm2.py --import
 $PY - <<'PY' | tee "$OUT/versions.txt"
-from exporter.versions import version_report; print(version_report())
+from lorax_common.versions import version_report; print(version_report())
 PY
 $PY scripts/make_demo_data.py --out "$OUT/data"
 BASE=$(PYTHONPATH=scripts $PY -c "from default_model import hf_dir; print(hf_dir())")

@@ -71,7 +71,7 @@ class LazyGroup(click.Group):
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from exporter.versions import version_report
+    from lorax_common.versions import version_report
 
     click.echo(version_report())
     ctx.exit(0)

@@ -41,7 +41,7 @@ def coarse_kld(base_idx: np.ndarray, base_lp: np.ndarray, new_logprobs: np.ndarr
 
 
 def save(runner, samples: list[Sample], artifact: str, gen_tokens: int = 16, k: int = 32) -> dict:
-    from exporter.versions import package_versions
+    from lorax_common.versions import package_versions
 
     seqs = []
     for s in samples:

@@ -178,7 +178,7 @@ def _evaluate(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer,
 def run_gate(ref, reference_name: str, targets: list[Target], samples: list[Sample], tokenizer,
              prompts_source: str, gen_tokens: int = 16, overrides: dict | None = None, floor=None) -> Report:
     """Reference outputs once, then each target loaded, measured and closed in turn."""
-    from exporter.versions import package_versions
+    from lorax_common.versions import package_versions
 
     ref_out = run_reference(ref, samples, tokenizer, gen_tokens)
     ref.close()  # only its outputs are needed from here on: peak memory is one loaded model at a time

@@ -123,7 +123,7 @@ def lorax_record(info: AdapterInfo, out_dir: Path, merge: dict[str, Any], weight
     from datetime import UTC, datetime
 
     from exporter import __version__
-    from exporter.versions import package_versions
+    from lorax_common.versions import package_versions
     from lorax_common.hashing import sha256_file
 
     files = {p.name: weight_digests.get(p.name) or sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
