@@ -3,5 +3,3 @@
 The `exporter` package owns the CLI, the merge, the parity gate and the export pipeline;
 `train` owns training and `formats` one writer/runner per output format.
 """
-
-__version__ = "0.1.0"

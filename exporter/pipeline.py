@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from exporter import __version__
 from exporter.errors import LoraxError
 from exporter.publish import export_inputs, pending, pending_gate, request_of, write_json_atomic
 from formats.fsutil import atomic_dir
 from lorax_common.hashing import sha256_file
 from lorax_common.outputs import OutputLock, output_lock, refuse_overlap
+from lorax_common.versions import LORAX_VERSION
 
 
 @dataclass
@@ -112,7 +112,7 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
 def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) -> list[Path]:
     """Every writer into a staging dir that becomes out_dir whole; returns the artifacts to gate."""
     artifacts: list[Path] = []
-    record: dict = {"kind": "export", "lorax_version": __version__, "source": str(source.resolve()),
+    record: dict = {"kind": "export", "lorax_version": LORAX_VERSION, "source": str(source.resolve()),
                     "created": datetime.now(UTC).isoformat(timespec="seconds"), "artifacts": []}
     with atomic_dir(out_dir, force=opts.force, lock=lock) as tmp:
         if is_adapter(source):

@@ -1,4 +1,5 @@
-"""What a bug report needs: versions of lorax and the numeric stack, and whether CUDA is usable.
+"""Versions: lorax's own (from package metadata, so pyproject.toml is the one place it is written), the
+numeric stack's (recorded in every lorax.json, printed by `lorax --version`), and whether CUDA is usable.
 
     lorax --version
 """
@@ -7,7 +8,15 @@ from __future__ import annotations
 
 import importlib.metadata as md
 
-from exporter import __version__
+
+def _own_version() -> str:
+    try:
+        return md.version("lorax")
+    except md.PackageNotFoundError:  # a source checkout that was never installed
+        return "0+unknown"
+
+
+LORAX_VERSION = _own_version()
 
 # distribution name -> label shown to the user
 PACKAGES: dict[str, str] = {
@@ -20,12 +29,14 @@ PACKAGES: dict[str, str] = {
     "onnxruntime-gpu": "onnxruntime-gpu",
     "gguf": "gguf",
     "onnx": "onnx",
+    "accelerate": "accelerate",
+    "datasets": "datasets",
 }
 
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions from package metadata (no heavy imports)."""
-    out: dict[str, str | None] = {"lorax": __version__}
+    out: dict[str, str | None] = {"lorax": LORAX_VERSION}
     for dist, label in PACKAGES.items():
         try:
             out[label] = md.version(dist)
@@ -58,7 +69,7 @@ def cuda_status() -> str:
 
 
 def version_report() -> str:
-    lines = [f"lorax {__version__}"]
+    lines = [f"lorax {LORAX_VERSION}"]
     for label, v in package_versions().items():
         if label == "lorax" or (v is None and label == "onnxruntime-gpu"):
             continue

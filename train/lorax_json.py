@@ -9,16 +9,11 @@ with coreutils: `cd base/ && sha256sum *.safetensors | sha256sum`.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata as md
 from pathlib import Path
 from typing import Any
 
 from lorax_common.hashing import sha256_file, weights_digest
-
-LORAX_VERSION = "0.1.0"
-
-# distributions whose versions decide the numbers (recorded for reproduction)
-VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
+from lorax_common.versions import LORAX_VERSION, package_versions
 
 # weight files, in order of preference: the first pattern that matches names the base's weights
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt")
@@ -43,16 +38,6 @@ def base_record(base: Path, storage_dtype: str, architecture: str, hub_id: str |
     return record
 
 
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for dist in VERSIONED:
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def build(*, base: dict, quantization: dict, lora: dict, data: dict, seed: int, training: dict,
           metrics: dict) -> dict[str, Any]:
     return {
@@ -65,6 +50,6 @@ def build(*, base: dict, quantization: dict, lora: dict, data: dict, seed: int, 
         "data": data,
         "seed": seed,
         "training": training,
-        "versions": versions(),
+        "versions": package_versions(),
         "metrics": metrics,
     }

@@ -122,14 +122,13 @@ def write_support_files(info: AdapterInfo, out_dir: Path, out_dtype: str, untied
 def lorax_record(info: AdapterInfo, out_dir: Path, merge: dict[str, Any], weight_digests: dict[str, str]) -> dict:
     from datetime import UTC, datetime
 
-    from exporter import __version__
-    from lorax_common.versions import package_versions
     from lorax_common.hashing import sha256_file
+    from lorax_common.versions import LORAX_VERSION, package_versions
 
     files = {p.name: weight_digests.get(p.name) or sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
     base = {k: v for k, v in ((info.lorax or {}).get("base") or {}).items() if k != "files"}
     base.update(path=str(info.base_dir.resolve()))
-    return {"kind": "merged", "lorax_version": __version__, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    return {"kind": "merged", "lorax_version": LORAX_VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "adapter": {"path": str(info.adapter_dir.resolve()),
                         "weights_sha256": sha256_file(info.adapter_dir / "adapter_model.safetensors")},
             "base": base, "trained_on": info.trained_on.as_dict(), "merge": merge, "files": files,
