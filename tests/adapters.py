@@ -7,7 +7,6 @@ loaded as in training + the adapter), so tests compare against it without loadin
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,10 +15,6 @@ EVAL_EXAMPLES = [
     {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "one two three"}]},
     {"messages": [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "blue"}]},
 ]
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_base(base_dir: Path, trained_on: str = "nf4", double_quant: bool = False, load_dtype: str = "float32"):
@@ -67,34 +62,31 @@ def make_adapter(base_dir: Path, out_dir: Path, trained_on: str = "nf4", double_
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
     (out_dir / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EVAL_EXAMPLES))
     if lorax_json:
-        write_lorax_json(base_dir, out_dir, trained_on, double_quant, load_dtype, config)
+        write_training_record(base_dir, out_dir, trained_on, double_quant, load_dtype, config)
     return model
 
 
-def write_lorax_json(base_dir: Path, out_dir: Path, trained_on: str, double_quant: bool, load_dtype: str,
+def write_training_record(base_dir: Path, out_dir: Path, trained_on: str, double_quant: bool, load_dtype: str,
                      config) -> dict:
-    """lorax.json as `lorax train` writes it (schema in the merge issue)."""
-    files = {p.name: _sha(p) for p in sorted(Path(base_dir).glob("*.safetensors"))}
+    """lorax.json through the code `lorax train` writes it with (train.lorax_json + lorax_common.record):
+    the same keys, schema version and base checksum; only the training facts are those of a random adapter."""
+    from lorax_common import record
+    from train.lorax_json import base_record, build
+
+    cfg = json.loads((Path(base_dir) / "config.json").read_text())
     quant = {"method": "none"} if trained_on == "none" else {
         "method": "bnb-4bit", "quant_type": trained_on, "blocksize": 64, "double_quant": double_quant,
         "compute_dtype": "float32", "quant_storage": "uint8", "load_dtype": load_dtype}
-    cfg = json.loads((Path(base_dir) / "config.json").read_text())
-    meta = {
-        "kind": "adapter", "lorax_version": "0.1.0", "created": "2026-11-28T00:00:00+00:00",
-        "base": {"path": str(Path(base_dir).resolve()),
-                 "weights_sha256": hashlib.sha256("".join(files[k] for k in sorted(files)).encode()).hexdigest(),
-                 "files": files, "storage_dtype": cfg.get("dtype", "float32"), "architecture": cfg["model_type"]},
-        "quantization": quant,
-        "lora": {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-                 "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, set)
-                 else config.target_modules, "use_rslora": config.use_rslora,
-                 "modules_to_save": config.modules_to_save},
-        "data": {"path": "/dev/null", "sha256": "", "format": "messages", "eval_fraction": 0.1,
-                 "eval_file": "eval.jsonl", "max_seq_len": 512, "truncated": 0},
-        "seed": 0, "training": {"max_steps": 0}, "versions": {}, "metrics": {},
-    }
-    (Path(out_dir) / "lorax.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+    targets = config.target_modules
+    lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+            "target_modules": sorted(targets) if isinstance(targets, set) else targets,
+            "use_rslora": config.use_rslora, "modules_to_save": config.modules_to_save}
+    data = {"path": "/dev/null", "sha256": "", "format": "messages", "eval_fraction": 0.1,
+            "eval_file": "eval.jsonl", "max_seq_len": 512, "truncated": 0}
+    rec = build(base=base_record(Path(base_dir), cfg.get("dtype", "float32"), cfg["model_type"]), quantization=quant,
+                lora=lora, data=data, seed=0, training={"max_steps": 0}, metrics={})
+    record.write(Path(out_dir), rec)
+    return rec.to_dict()
 
 
 def logits(model, ids_list) -> list:

@@ -131,6 +131,27 @@ def test_lorax_json_records_what_was_loaded(trained, tiny_model_dir, chat_file):
     assert not Path(f"{trained.out}.checkpoints").exists()
 
 
+def test_train_output_goes_through_merge_and_check_as_written(trained, tmp_path):
+    """The lorax.json contract end to end: what `lorax train` wrote (no fixture in between) is merged to the
+    model that trained, and the gate passes it."""
+    from transformers import AutoModelForCausalLM
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(trained.out), "--out", str(merged)]) == 0
+    rec = json.loads((trained.out / "lorax.json").read_text())
+    assert rec["schema_version"] == 1
+    made = json.loads((merged / "lorax.json").read_text())
+    assert made["base"]["weights_sha256"] == rec["base"]["weights_sha256"]
+    assert made["trained_on"]["quant_type"] == "nf4" and made["trained_on"]["double_quant"] is True
+    ids = eval_ids(trained.out, trained.tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    parity = compare(logits(trained.model.eval(), ids), logits(model, ids), ids)
+    assert parity.max_abs_logit <= 1e-4 and parity.top1 == 1.0, parity  # tests/test_merge.py's EXACT
+    assert main(["check", str(trained.out), str(merged), "--report", str(tmp_path / "gate")]) == 0
+    report = json.loads((tmp_path / "gate" / "report.json").read_text())
+    assert report["passed"] and report["targets"] and all(t["passed"] for t in report["targets"]), report
+
+
 class StopAt:
     """A callback that "kills" the run after step `k` (raises, as a crash would)."""
 

@@ -1,4 +1,4 @@
-"""The adapter's `lorax.json`: everything merge and the parity gate need to rebuild the trained model.
+"""What `lorax train` records in the adapter's `lorax.json` (the schema: lorax_common.record).
 
     lorax train ... --out adapter/      # writes adapter/lorax.json
 
@@ -8,11 +8,12 @@ with coreutils: `cd base/ && sha256sum *.safetensors | sha256sum`.
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from lorax_common import record
 from lorax_common.hashing import sha256_file, weights_digest
+from lorax_common.record import AdapterRecord, Quantization
 from lorax_common.versions import LORAX_VERSION, package_versions
 
 # weight files, in order of preference: the first pattern that matches names the base's weights
@@ -39,17 +40,8 @@ def base_record(base: Path, storage_dtype: str, architecture: str, hub_id: str |
 
 
 def build(*, base: dict, quantization: dict, lora: dict, data: dict, seed: int, training: dict,
-          metrics: dict) -> dict[str, Any]:
-    return {
-        "kind": "adapter",
-        "lorax_version": LORAX_VERSION,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "base": base,
-        "quantization": quantization,
-        "lora": lora,
-        "data": data,
-        "seed": seed,
-        "training": training,
-        "versions": package_versions(),
-        "metrics": metrics,
-    }
+          metrics: dict) -> AdapterRecord:
+    """The record of a finished run (lorax_common.record validates the quantization it is given)."""
+    return AdapterRecord(base=base, quantization=Quantization.from_dict(quantization), lora=lora, data=data,
+                         seed=seed, training=training, metrics=metrics, versions=package_versions(),
+                         lorax_version=LORAX_VERSION, created=record.now())

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from lorax_common import outputs
+from lorax_common import outputs, record
 from lorax_common.hashing import hash_tree
+from lorax_common.record import AdapterRecord
 from train import data, lorax_json
 from train.config import TrainConfig, check_trainer_names, checkpoint_dir, require, to_dict
 from train.errors import TrainError
@@ -274,20 +275,21 @@ def _train(cfg: TrainConfig, out: Path, ckpt: Path, last: str | None, force: boo
     digest = lora_digest(model)
     say(f"rank {rank()}/{world_size()} done: {trainer.state.global_step} steps, lora sha256 {digest}", all_ranks=True)
 
-    record: dict[str, Any] = {}
+    recorded: dict[str, Any] = {}
     if trainer.is_world_process_zero():
         training = {"steps_done": trainer.state.global_step, "tokens_seen": trainer.state.num_input_tokens_seen,
                     "resumed_from": Path(last).name if last else None, "lora_sha256": digest}
-        record = build_record(cfg, p, model, training, metrics)
-        write_output(out, force, model, p.tok, p.eval_recs, record, lock)
+        adapter_record = build_record(cfg, p, model, training, metrics)
+        write_output(out, force, model, p.tok, p.eval_recs, adapter_record, lock)
+        recorded = adapter_record.to_dict()
         if not cfg.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
         say(f"wrote {out} (eval loss {metrics['eval_loss_before']} -> {metrics['eval_loss']})")
     trainer.accelerator.wait_for_everyone()
-    return TrainResult(out, model, p.tok, record)
+    return TrainResult(out, model, p.tok, recorded)
 
 
-def build_record(cfg: TrainConfig, p: Prepared, model, run: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+def build_record(cfg: TrainConfig, p: Prepared, model, run: dict[str, Any], metrics: dict[str, Any]) -> AdapterRecord:
     data_path = Path(cfg.data)
     return lorax_json.build(
         base=lorax_json.base_record(p.base, p.storage_dtype, model.config.model_type,
@@ -313,7 +315,7 @@ def build_record(cfg: TrainConfig, p: Prepared, model, run: dict[str, Any], metr
     )
 
 
-def write_output(out: Path, force: bool, model, tok, eval_recs: data.Records | None, record: dict[str, Any],
+def write_output(out: Path, force: bool, model, tok, eval_recs: data.Records | None, adapter_record: AdapterRecord,
                  lock: outputs.OutputLock | None = None) -> None:
     umask = outputs.umask()
     with outputs.atomic_dir(out, force, lock=lock) as tmp:
@@ -324,7 +326,7 @@ def write_output(out: Path, force: bool, model, tok, eval_recs: data.Records | N
         patch_dir(tmp)  # save_pretrained records how the tokenizer was loaded (is_local, ...): not shipped
         if eval_recs:
             data.write_jsonl(eval_recs, tmp / "eval.jsonl")
-        (tmp / "lorax.json").write_text(json.dumps(record, indent=2) + "\n")
+        record.write(tmp, adapter_record)
         for f in tmp.iterdir():
             # some writers create 0600 files (temp file + rename); the adapter should read like any output
             os.chmod(f, 0o666 & ~umask)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import LoraxError
+from lorax_common import record
 from lorax_common.errors import UserError
 from lorax_common.files import check_tokenizer_files, read_json_object, safetensors_header, weight_files
 
@@ -86,7 +87,7 @@ class AdapterInfo:
     base_dir: Path
     peft_config: dict[str, Any]
     trained_on: TrainedOn
-    lorax: dict[str, Any] | None = None  # the adapter's lorax.json; None for a plain PEFT dir
+    lorax: record.AdapterRecord | None = None  # the adapter's lorax.json; None for a plain PEFT dir
     notes: list[str] = field(default_factory=list)
 
 
@@ -111,18 +112,13 @@ def check_peft_config(cfg: dict[str, Any], where: Path) -> None:
                              "re-train without it")
 
 
-def trained_on_from_lorax(meta: dict[str, Any], base_storage: str) -> TrainedOn:
-    q = meta.get("quantization") or {}
-    method = q.get("method", "none")
-    if method == "none":
-        return TrainedOn("none", load_dtype=q.get("load_dtype") or q.get("compute_dtype") or base_storage)
-    if method != "bnb-4bit":
-        raise LoraxError(f"lorax.json quantization.method {method!r} is unknown; expected 'bnb-4bit' or 'none'")
-    compute = q.get("compute_dtype", "float32")
+def trained_on_from_lorax(q: record.Quantization, base_storage: str) -> TrainedOn:
+    if q.method == "none":
+        return TrainedOn("none", load_dtype=q.load_dtype or q.compute_dtype or base_storage)
+    compute = q.compute_dtype or "float32"
     # A QLoRA run loads the base in its compute dtype unless lorax.json says otherwise.
-    return TrainedOn("bnb-4bit", q.get("quant_type", "nf4"), int(q.get("blocksize", 64)),
-                     bool(q.get("double_quant", False)), compute, q.get("quant_storage", "uint8"),
-                     q.get("load_dtype") or compute, q.get("torch_threads"))
+    return TrainedOn("bnb-4bit", q.quant_type, q.blocksize, q.double_quant, compute, q.quant_storage,
+                     q.load_dtype or compute, q.torch_threads)
 
 
 def trained_on_from_flag(flag: str, double_quant: bool, load_dtype: str) -> TrainedOn:
@@ -144,13 +140,11 @@ def read_adapter(adapter_dir: str | Path, trained_on: str | None = None, double_
                          "(PEFT's default) and try again")
     safetensors_header(adapter_dir / ADAPTER_WEIGHTS)
     check_tokenizer_files(adapter_dir)  # merge ships these files: a broken one is refused, not copied
-    meta = None
-    if (adapter_dir / "lorax.json").exists():
-        meta = _read_json(adapter_dir / "lorax.json", "the adapter's training record")
-        if meta.get("kind") != "adapter":
-            raise LoraxError(f"{adapter_dir / 'lorax.json'} has kind {meta.get('kind')!r}, not 'adapter'; "
-                             "pass the adapter directory, not a merged model")
-    recorded_base = ((meta or {}).get("base") or {}).get("path") or cfg.get("base_model_name_or_path")
+    try:
+        meta = record.read(adapter_dir)
+    except UserError as e:
+        raise LoraxError(str(e)) from None
+    recorded_base = (meta.base["path"] if meta else None) or cfg.get("base_model_name_or_path")
     if not base_dir and not recorded_base:
         # Path("") is ".": without this, a run from inside some model dir would merge against that model
         raise LoraxError(f"{adapter_dir} records no base model (no base_model_name_or_path in adapter_config.json, "
@@ -162,7 +156,7 @@ def read_adapter(adapter_dir: str | Path, trained_on: str | None = None, double_
     check_tokenizer_files(base)
     storage = base_storage_dtype(base)
     if meta is not None:
-        recorded = trained_on_from_lorax(meta, storage)
+        recorded = trained_on_from_lorax(meta.quantization, storage)
         if trained_on is not None and trained_on != (recorded.quant_type or "none"):
             raise LoraxError(f"--trained-on {trained_on} contradicts {adapter_dir / 'lorax.json'} "
                              f"({recorded.label()}); drop --trained-on for lorax adapters")
@@ -276,7 +270,7 @@ CALIBRATION_PROMPTS = (
 def calibration_ids(info: AdapterInfo, tokenizer, n: int = 8, max_tokens: int = 128) -> list[list[int]]:
     """Token ids to compare models on: the adapter's held-out examples when present, else built-in prompts."""
     texts: list[str] = []
-    eval_file = info.adapter_dir / ((info.lorax or {}).get("data", {}).get("eval_file") or "eval.jsonl")
+    eval_file = info.adapter_dir / ((info.lorax.data if info.lorax else {}).get("eval_file") or "eval.jsonl")
     if eval_file.exists():
         from train.data import load
 

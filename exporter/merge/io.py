@@ -126,7 +126,7 @@ def lorax_record(info: AdapterInfo, out_dir: Path, merge: dict[str, Any], weight
     from lorax_common.versions import LORAX_VERSION, package_versions
 
     files = {p.name: weight_digests.get(p.name) or sha256_file(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
-    base = {k: v for k, v in ((info.lorax or {}).get("base") or {}).items() if k != "files"}
+    base = {k: v for k, v in (info.lorax.base if info.lorax else {}).items() if k != "files"}
     base.update(path=str(info.base_dir.resolve()))
     return {"kind": "merged", "lorax_version": LORAX_VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "adapter": {"path": str(info.adapter_dir.resolve()),

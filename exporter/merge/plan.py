@@ -323,7 +323,7 @@ def verify_base(info: AdapterInfo, stop: threading.Event | None = None) -> None:
     """Refuse a base whose weight files changed since training (lorax.json records their sha256)."""
     from lorax_common.hashing import sha256_file
 
-    for name, digest in ((info.lorax or {}).get("base", {}).get("files") or {}).items():
+    for name, digest in ((info.lorax.base if info.lorax else {}).get("files") or {}).items():
         path = info.base_dir / name
         actual = sha256_file(path, stop) if path.exists() else None
         if stop and stop.is_set():
