@@ -18,22 +18,13 @@ EVAL_EXAMPLES = [
 
 
 def load_base(base_dir: Path, trained_on: str = "nf4", double_quant: bool = False, load_dtype: str = "float32"):
-    """The base as training loads it: bnb 4-bit (float32 compute) or plain."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """The base as training loads it (lorax_common.base_as_trained): bnb 4-bit (float32 compute) or plain."""
+    from lorax_common import base_as_trained
+    from lorax_common.record import Quantization
 
-    kw = {"dtype": getattr(torch, load_dtype)}
-    if trained_on != "none":
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=trained_on, bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=torch.float32)
-        kw["device_map"] = {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(base_dir, **kw)
-    if trained_on != "none":
-        from train.model import pin_4bit_layout
-
-        pin_4bit_layout(model)  # as training and the gate compute (see train.model.pin_4bit_layout)
-    return model
+    q = Quantization("none") if trained_on == "none" else Quantization(
+        "bnb-4bit", trained_on, double_quant=double_quant, compute_dtype="float32")
+    return base_as_trained.load(base_dir, q, load_dtype)
 
 
 def make_adapter(base_dir: Path, out_dir: Path, trained_on: str = "nf4", double_quant: bool = False,

@@ -55,18 +55,11 @@ def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 def reload_reference(adapter: Path):
     """Base loaded as lorax.json says training loaded it, adapter on top (what merge/gate rebuild)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    rec = json.loads((adapter / "lorax.json").read_text())
-    q = rec["quantization"]
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
-                             bnb_4bit_use_double_quant=q["double_quant"],
-                             bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]))
-    base = AutoModelForCausalLM.from_pretrained(rec["base"]["path"], quantization_config=bnb,
-                                                dtype=getattr(torch, rec["base"]["storage_dtype"]))
-    from train.model import pin_4bit_layout
+    from lorax_common import base_as_trained, record
 
-    pin_4bit_layout(base)
+    rec = record.read(adapter)
+    base = base_as_trained.load(rec.base["path"], rec.quantization, rec.base["storage_dtype"])
     return PeftModel.from_pretrained(base, adapter).eval()
 
 

@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+from lorax_common import base_as_trained
+from lorax_common.base_as_trained import pin_4bit_layout  # noqa: F401 - train.model.pin_4bit_layout callers
+from lorax_common.record import Quantization
 from train.config import TrainConfig
 from train.errors import TrainError
 
@@ -73,48 +76,18 @@ def load_tokenizer(base: Path):
 
 def load_base(cfg: TrainConfig, base: Path):
     """The base model as training uses it: 4-bit via bitsandbytes (or plain) in the resolved dtypes."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     compute = compute_dtype(cfg)
     # bitsandbytes dequantizes to the dtype the weight was loaded in, so loading in the compute dtype keeps
     # the 4-bit matmul free of extra rounding (the exporter's reference assumes the same default)
     load = compute if cfg.load_dtype == "auto" else cfg.load_dtype
-    kwargs: dict[str, Any] = {"dtype": DTYPES[load], "device_map": device_map()}
-    if cfg.quant != "none":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.quant,
-            bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[compute],
-            bnb_4bit_quant_storage=torch.uint8,
-        )
+    asked = Quantization("none") if cfg.quant == "none" else Quantization(
+        "bnb-4bit", cfg.quant, double_quant=cfg.double_quant, compute_dtype=compute)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        model = base_as_trained.load(base, asked, load, device_map())
     except (OSError, ValueError) as e:
         raise TrainError(f"could not load base {base}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    pin_4bit_layout(model)
     return model
-
-
-def pin_4bit_layout(model) -> int:
-    """Keep every bitsandbytes Linear4bit on the layout training computes with; returns how many.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit for a faster kernel the first time it
-    runs in eval mode without grad, and keeps it repacked: absmax rounded to bf16, and a kernel with no
-    autograd formula. Trainer's eval_on_start is such a run, so training then backpropagated through that
-    kernel -- PyTorch warned, and the gradient through every frozen base matmul was silently dropped
-    (measured here, AMD EPYC with avx512_bf16). The reference must not see the bf16 absmax either: training
-    never computed with it. The plain dequantize+matmul path is exact and differentiable.
-    """
-    import bitsandbytes as bnb
-
-    n = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 def first_4bit_weight(model):

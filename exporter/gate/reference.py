@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import LoraxError
-from lorax_common import record
+from lorax_common import base_as_trained, record
 from lorax_common.errors import UserError
 from lorax_common.files import check_tokenizer_files, read_json_object, safetensors_header, weight_files
 
@@ -66,16 +66,16 @@ class TrainedOn:
                           self.torch_threads)
 
     def bnb_config(self):
-        import torch
-        from transformers import BitsAndBytesConfig
+        from lorax_common.base_as_trained import bnb_config
 
-        if self.blocksize != 64:
-            raise LoraxError(f"blocksize {self.blocksize}: transformers' bitsandbytes loader only quantizes with "
-                             "blocksize 64, so this training setup cannot be rebuilt as a reference")
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
-                                  bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
-                                  bnb_4bit_quant_storage=getattr(torch, self.quant_storage))
+        try:
+            return bnb_config(self.quantization())
+        except UserError as e:
+            raise LoraxError(str(e)) from None
+
+    def quantization(self) -> record.Quantization:
+        return record.Quantization(self.method, self.quant_type, self.blocksize, self.double_quant,
+                                   self.compute_dtype, self.quant_storage, self.load_dtype)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -221,18 +221,12 @@ def load_reference(info: AdapterInfo, dtype: str | None = None):
 
     `dtype` overrides the load dtype (e.g. to measure how much of a gap is the reference's own rounding).
     """
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype or info.trained_on.load_dtype)}
-    if info.trained_on.quantized:
-        kwargs.update(quantization_config=info.trained_on.bnb_config(), device_map={"": "cpu"})
-    base = AutoModelForCausalLM.from_pretrained(info.base_dir, **kwargs)
-    if info.trained_on.quantized:
-        from train.model import pin_4bit_layout
-
-        pin_4bit_layout(base)  # compute as training did (no bf16-absmax repacking on AVX512-BF16 CPUs)
+    try:
+        base = base_as_trained.load(info.base_dir, info.trained_on.quantization(), dtype or info.trained_on.load_dtype)
+    except UserError as e:
+        raise LoraxError(str(e)) from None
     model = PeftModel.from_pretrained(base, info.adapter_dir)
     model.eval()
     return model, load_tokenizer(info)
