@@ -9,6 +9,7 @@ Output layout:
                             base it was trained on (NF4-dequantized), gated together through llama.cpp
     dist/onnx/              ONNX decoder with KV cache (+ config/tokenizer files)
     dist/report.{json,md}   the gate's verdict on every artifact, kld.svg
+    dist/README.md          a Hugging Face model card generated from the report (exporter.card)
     dist/lorax.json         what was built from what, with sha256 of every file
 
 Artifacts are built in a temp dir that becomes `dist/` only when all writers succeeded; the gate
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from exporter import __version__
+from exporter.card import write_card
 from exporter.errors import LoraxError
 from exporter.publish import export_inputs, pending, pending_gate, request_of, write_json_atomic
 from formats.fsutil import atomic_dir, sha256_file
@@ -140,9 +142,8 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
                     artifacts.append(out_dir / path.name)
             record["warnings"] = list(result.warnings)
         if opts.onnx:
-            from formats.onnx.export import export_onnx
-
             from formats.onnx.bundle import graph_path, variants_in
+            from formats.onnx.export import export_onnx
 
             export_onnx(merged_tmp, tmp / "onnx", dtype=opts.onnx_dtype, quant=opts.onnx_quant)
             # every graph shipped is gated (an int4 export also holds the float32 graph it came from)
@@ -174,4 +175,5 @@ def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions
     meta["gate"] = {"status": "passed" if report.passed else "failed", "passed": report.passed,
                     "report": "report.md", "targets": {t.name: t.passed for t in report.targets}}
     write_json_atomic(out_dir / "lorax.json", meta)  # a kill here leaves "pending", which a rerun finishes
+    write_card(out_dir)  # dist/README.md, generated from report.json
     return report

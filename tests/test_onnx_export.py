@@ -434,7 +434,9 @@ def test_quantized_exports(quantized_dirs, runners, tiny_model_factory, quant, r
     # The float32 graph stays beside it (transformers.js's default dtype); the gate measures the quantized one.
     assert ONNXRunner(d, variant="float32").variant == "float32"
     target = open_target(d)
-    assert (target.dtype, target.runner.variant) == (quant, quant)
+    runner = target.open()
+    assert (target.dtype, runner.variant) == (quant, quant)
+    runner.close()
     assert json.loads((d / "genai_config.json").read_text())["model"]["decoder"]["filename"] == f"onnx/{graph.name}"
     ops, float_weight_matmuls = _op_types(graph)
     assert "MatMulNBits" in ops
