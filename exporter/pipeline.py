@@ -65,11 +65,15 @@ def validate(source: Path, opts: ExportOptions) -> ExportOptions:
     from dataclasses import replace
 
     from exporter.registry import lookup, normalise_quants
+    from formats.archs import SUPPORTED, source_model_type, unsupported_message
 
     if not (opts.gguf or opts.onnx):
         raise LoraxError("nothing to export; pass --gguf and/or --onnx")
     if not source.is_dir():
         raise LoraxError(f"{source}: no such directory; pass an adapter dir (from lorax train) or an HF model dir")
+    model_type = source_model_type(source)
+    if model_type is not None and model_type not in SUPPORTED:  # before any merge, file or model load
+        raise LoraxError(unsupported_message(model_type))
     if opts.gguf_adapter and not is_adapter(source):
         raise LoraxError(f"--gguf-adapter needs an adapter dir; {source} has no adapter_config.json")
     if opts.onnx:
