@@ -61,8 +61,9 @@ def candidates(imx, sweep: bool) -> list[Candidate]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapter", type=Path, required=True)
-    ap.add_argument("--merged", type=Path, help="the merged HF dir (default: merge the adapter here)")
+    ap.add_argument("--adapter", type=Path, default=ROOT / "out" / "demo" / "adapter", help="default: make demo's")
+    ap.add_argument("--merged", type=Path, help="the merged HF dir (default: the demo's dist/merged next to the "
+                    "adapter, else merge the adapter here)")
     ap.add_argument("--max-samples", type=int, default=None)
     ap.add_argument("--gen-tokens", type=int, default=16)
     ap.add_argument("--imatrix-tokens", type=int, default=32768)
@@ -80,6 +81,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lorax-bench-quant-"))
     t0 = time.perf_counter()
     merged = args.merged
+    if merged is None and (args.adapter.parent / "dist" / "merged" / "config.json").is_file():
+        merged = args.adapter.parent / "dist" / "merged"
     if merged is None:
         from exporter.merge import merge_adapter
 
