@@ -54,6 +54,14 @@ class ExportOptions:
     overrides: dict = field(default_factory=dict)
     floor: str = "auto"
     force: bool = False
+    imatrix: str = "auto"  # auto | off | a GGUF imatrix file (exporter.gguf_build)
+    calibration: str | None = None
+    imatrix_tokens: int = 32768
+    tensor_types: tuple[str, ...] = ()  # PATTERN=TYPE, as llama-quantize --tensor-type
+    output_type: str | None = None
+    embedding_type: str | None = None
+    max_kld: float | None = None  # --quant auto budgets
+    max_size: int | None = None
 
 
 def is_adapter(path: Path) -> bool:
@@ -78,7 +86,13 @@ def validate(source: Path, opts: ExportOptions) -> ExportOptions:
         raise LoraxError(f"--gguf-adapter needs an adapter dir; {source} has no adapter_config.json")
     if opts.onnx:
         lookup("onnx", opts.onnx_quant or opts.onnx_dtype)
-    return replace(opts, quants=normalise_quants(opts.quants or ("q8_0",)) if opts.gguf else ())
+    quants = tuple(q.strip().lower() for q in opts.quants or ("q8_0",))
+    if "auto" in quants and opts.max_kld is None and opts.max_size is None:
+        raise LoraxError("--quant auto needs a budget: --max-kld X and/or --max-size SIZE")
+    if opts.imatrix not in ("auto", "off") and not Path(opts.imatrix).is_file():
+        raise LoraxError(f"--imatrix {opts.imatrix}: no such file (pass auto, off, or a GGUF imatrix file)")
+    picked = normalise_quants([q for q in quants if q != "auto"]) + (("auto",) if "auto" in quants else ())
+    return replace(opts, quants=picked if opts.gguf else ())
 
 
 def write_base_as_trained(source: Path, tmp: Path, opts: ExportOptions) -> Path:
@@ -132,16 +146,20 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
         else:
             raise LoraxError(f"{source}: neither an adapter dir (adapter_config.json) nor an HF model dir")
         if opts.gguf:
-            from formats.gguf.export import export_gguf
+            from exporter.gguf_build import build_gguf, recipe_record
 
-            result = export_gguf(merged_tmp, tmp, opts.quants, adapter_dir=source if opts.gguf_adapter else None)
+            built = build_gguf(source, merged_tmp, tmp, opts)
+            result = built.result
+            record.update(built.record)
             files = [(f.kind, f.type, f.path, f.sha256) for f in result]
             if opts.gguf_adapter:
                 base_gguf = write_base_as_trained(source, tmp, opts)
                 files.append(("base", base_gguf.stem.rsplit("-", 1)[1], base_gguf, sha256_file(base_gguf)))
             for kind, qtype, path, digest in files:
                 record["artifacts"].append({"format": "gguf", "kind": kind, "type": qtype, "path": path.name,
-                                            "sha256": digest})
+                                            "sha256": digest,
+                                            "recipe": recipe_record(built.recipes.get(qtype)) if kind == "model"
+                                            else None})
                 if kind in ("model", "base"):  # the base is gated with the LoRA applied (see gate())
                     artifacts.append(out_dir / path.name)
             record["warnings"] = list(result.warnings)
@@ -163,6 +181,7 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
 def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions):
     """Gate the published artifacts; the LoRA GGUF is measured on the base-as-trained GGUF it ships with."""
     from exporter.check import GateOptions, check
+    from exporter.gguf_build import recipes_from_record
     from exporter.targets import open_target
 
     record = json.loads((out_dir / "lorax.json").read_text())
@@ -173,8 +192,11 @@ def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions
     gopts = GateOptions(base=opts.base, trained_on=opts.trained_on, double_quant=opts.double_quant,
                         prompts=opts.prompts, report_dir=out_dir, gen_tokens=opts.gen_tokens,
                         max_samples=opts.max_samples, overrides=opts.overrides, floor=opts.floor, lora=lora,
-                        merged_dir=merged)
+                        merged_dir=merged, recipes=recipes_from_record(record, out_dir))
     report = check(source, targets, gopts)
+    if (out_dir / "quant.md").is_file():  # --quant auto: every candidate measured, below the gate's verdict
+        with open(out_dir / "report.md", "a") as fh:
+            fh.write("\n" + (out_dir / "quant.md").read_text())
     meta = record
     meta["gate"] = {"status": "passed" if report.passed else "failed", "passed": report.passed,
                     "report": "report.md", "targets": {t.name: t.passed for t in report.targets}}
