@@ -9,6 +9,7 @@ Output layout:
                             base it was trained on (NF4-dequantized), gated together through llama.cpp
     dist/onnx/              ONNX decoder with KV cache (+ config/tokenizer files)
     dist/report.{json,md}   the gate's verdict on every artifact, kld.svg
+    dist/README.md          a Hugging Face model card generated from the report (exporter.card)
     dist/lorax.json         what was built from what, with sha256 of every file
 
 Artifacts are built in a temp dir that becomes `dist/` only when all writers succeeded; the gate
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from exporter.card import write_card
 from exporter.errors import LoraxError
 from exporter.publish import export_inputs, pending, pending_gate, request_of, write_json_atomic
 from formats.fsutil import atomic_dir
@@ -53,6 +55,14 @@ class ExportOptions:
     overrides: dict = field(default_factory=dict)
     floor: str = "auto"
     force: bool = False
+    imatrix: str = "auto"  # auto | off | a GGUF imatrix file (exporter.gguf_build)
+    calibration: str | None = None
+    imatrix_tokens: int = 32768
+    tensor_types: tuple[str, ...] = ()  # PATTERN=TYPE, as llama-quantize --tensor-type
+    output_type: str | None = None
+    embedding_type: str | None = None
+    max_kld: float | None = None  # --quant auto budgets
+    max_size: int | None = None
 
 
 def is_adapter(path: Path) -> bool:
@@ -64,16 +74,26 @@ def validate(source: Path, opts: ExportOptions) -> ExportOptions:
     from dataclasses import replace
 
     from exporter.gate.registry import lookup, normalise_quants
+    from formats.archs import SUPPORTED, source_model_type, unsupported_message
 
     if not (opts.gguf or opts.onnx):
         raise LoraxError("nothing to export; pass --gguf and/or --onnx")
     if not source.is_dir():
         raise LoraxError(f"{source}: no such directory; pass an adapter dir (from lorax train) or an HF model dir")
+    model_type = source_model_type(source)
+    if model_type is not None and model_type not in SUPPORTED:  # before any merge, file or model load
+        raise LoraxError(unsupported_message(model_type))
     if opts.gguf_adapter and not is_adapter(source):
         raise LoraxError(f"--gguf-adapter needs an adapter dir; {source} has no adapter_config.json")
     if opts.onnx:
         lookup("onnx", opts.onnx_quant or opts.onnx_dtype)
-    return replace(opts, quants=normalise_quants(opts.quants or ("q8_0",)) if opts.gguf else ())
+    quants = tuple(q.strip().lower() for q in opts.quants or ("q8_0",))
+    if "auto" in quants and opts.max_kld is None and opts.max_size is None:
+        raise LoraxError("--quant auto needs a budget: --max-kld X and/or --max-size SIZE")
+    if opts.imatrix not in ("auto", "off") and not Path(opts.imatrix).is_file():
+        raise LoraxError(f"--imatrix {opts.imatrix}: no such file (pass auto, off, or a GGUF imatrix file)")
+    picked = normalise_quants([q for q in quants if q != "auto"]) + (("auto",) if "auto" in quants else ())
+    return replace(opts, quants=picked if opts.gguf else ())
 
 
 def write_base_as_trained(source: Path, tmp: Path, opts: ExportOptions) -> Path:
@@ -127,16 +147,20 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
         else:
             raise LoraxError(f"{source}: neither an adapter dir (adapter_config.json) nor an HF model dir")
         if opts.gguf:
-            from formats.gguf.export import export_gguf
+            from exporter.gguf_build import build_gguf, recipe_record
 
-            result = export_gguf(merged_tmp, tmp, opts.quants, adapter_dir=source if opts.gguf_adapter else None)
+            built = build_gguf(source, merged_tmp, tmp, opts)
+            result = built.result
+            record.update(built.record)
             files = [(f.kind, f.type, f.path, f.sha256) for f in result]
             if opts.gguf_adapter:
                 base_gguf = write_base_as_trained(source, tmp, opts)
                 files.append(("base", base_gguf.stem.rsplit("-", 1)[1], base_gguf, sha256_file(base_gguf)))
             for kind, qtype, path, digest in files:
                 record["artifacts"].append({"format": "gguf", "kind": kind, "type": qtype, "path": path.name,
-                                            "sha256": digest})
+                                            "sha256": digest,
+                                            "recipe": recipe_record(built.recipes.get(qtype)) if kind == "model"
+                                            else None})
                 if kind in ("model", "base"):  # the base is gated with the LoRA applied (see gate())
                     artifacts.append(out_dir / path.name)
             record["warnings"] = list(result.warnings)
@@ -159,6 +183,7 @@ def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions
     """Gate the published artifacts; the LoRA GGUF is measured on the base-as-trained GGUF it ships with."""
     from exporter.gate.check import GateOptions, check
     from exporter.gate.targets import open_target
+    from exporter.gguf_build import recipes_from_record
 
     record = json.loads((out_dir / "lorax.json").read_text())
     kinds = {a["path"]: a["kind"] for a in record.get("artifacts", [])}
@@ -168,10 +193,14 @@ def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions
     gopts = GateOptions(base=opts.base, trained_on=opts.trained_on, double_quant=opts.double_quant,
                         prompts=opts.prompts, report_dir=out_dir, gen_tokens=opts.gen_tokens,
                         max_samples=opts.max_samples, overrides=opts.overrides, floor=opts.floor, lora=lora,
-                        merged_dir=merged)
+                        merged_dir=merged, recipes=recipes_from_record(record, out_dir))
     report = check(source, targets, gopts)
+    if (out_dir / "quant.md").is_file():  # --quant auto: every candidate measured, below the gate's verdict
+        with open(out_dir / "report.md", "a") as fh:
+            fh.write("\n" + (out_dir / "quant.md").read_text())
     meta = record
     meta["gate"] = {"status": "passed" if report.passed else "failed", "passed": report.passed,
                     "report": "report.md", "targets": {t.name: t.passed for t in report.targets}}
     write_json_atomic(out_dir / "lorax.json", meta)  # a kill here leaves "pending", which a rerun finishes
+    write_card(out_dir)  # dist/README.md, generated from report.json
     return report

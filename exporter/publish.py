@@ -42,7 +42,10 @@ def request_of(source: Path, opts) -> dict[str, Any]:
             "gguf_adapter": opts.gguf_adapter, "onnx": opts.onnx, "onnx_dtype": opts.onnx_dtype,
             "onnx_quant": opts.onnx_quant, "merge_base": opts.merge_base, "trained_on": opts.trained_on,
             "double_quant": opts.double_quant,
-            "base": str(Path(opts.base).resolve()) if opts.base else None, "dtype": opts.dtype}
+            "base": str(Path(opts.base).resolve()) if opts.base else None, "dtype": opts.dtype,
+            **{k: getattr(opts, k, None) for k in ("imatrix", "calibration", "imatrix_tokens", "max_kld", "max_size")},
+            "tensor_types": list(getattr(opts, "tensor_types", ())), "output_type": getattr(opts, "output_type", None),
+            "embedding_type": getattr(opts, "embedding_type", None)}
 
 
 def pending(artifacts: list[Path], out_dir: Path, check: bool) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark side by side with the peer tool, written to docs/BENCHMARKS.md.
 
-    python scripts/bench.py [--only merge,gguf,onnx,train] [--quick]
+    python scripts/bench.py [--only merge,gguf,onnx,quant,train] [--quick]
 
 Each script measures lorax and its peer in the same run (fresh processes, same inputs) and prints its
 ratios; this runner records the machine, the command, and each script's own summary. No absolute
@@ -28,6 +28,9 @@ BENCHES: dict[str, tuple[str, list[str], list[str], str]] = {
              "lorax GGUF writer vs llama.cpp convert_hf_to_gguf.py (f16, same merged model)"),
     "onnx": ("bench_onnx.py", [], ["--quick"],
              "ONNX (float32, KV cache) decode in onnxruntime vs PyTorch eager generate (merged SmolLM2)"),
+    # the demo's fine-tune (`make demo` writes out/demo/adapter and out/demo/dist/merged)
+    "quant": ("bench_quant.py", ["--sweep"], ["--max-samples", "24"],
+              "GGUF quantization per type: plain libllama vs lorax's importance matrix / tensor types (demo fine-tune)"),
     "train": ("bench_train.py", [], ["--steps", "10"],
               "lorax train vs a plain PEFT + Trainer script (SmolLM2 QLoRA NF4, same settings)"),
 }

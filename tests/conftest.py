@@ -26,10 +26,10 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
     """Build (and cache per session) tiny models of other shapes: factory(arch=..., tie=..., dtype=...)."""
     cache: dict[tuple, Path] = {}
 
-    def make(arch: str = "llama", tie_word_embeddings: bool = False, dtype: str = "float32", **kw) -> Path:
+    def make(arch: str = "llama", tie_word_embeddings: bool | None = None, dtype: str = "float32", **kw) -> Path:
         key = (arch, tie_word_embeddings, dtype, tuple(sorted(kw.items())))
         if key not in cache:
-            name = f"{arch}-tie{int(tie_word_embeddings)}-{dtype}-{len(cache)}"
+            name = f"{arch}-tie{tie_word_embeddings}-{dtype}-{len(cache)}"
             cache[key] = build_tiny_model(tmp_path_factory.mktemp("tiny") / name, arch=arch,
                                           tie_word_embeddings=tie_word_embeddings, dtype=dtype, **kw)
         return cache[key]

@@ -156,7 +156,7 @@ def test_a_target_that_cannot_run_is_a_failed_row_and_the_rest_are_measured(adap
 
     broken = tmp_path / "onnx-damaged"
     shutil.copytree(dist / "onnx", broken)
-    model = broken / "model.onnx"
+    model = broken / "onnx" / "model.onnx"
     model.write_bytes(model.read_bytes()[:4096])  # metadata says float32; onnxruntime cannot load it
     rc = main(["check", str(adapter), str(broken), str(dist / "model-f32.gguf"), "--report", str(tmp_path / "r")])
     by = {t["name"]: t for t in _report(tmp_path / "r")["targets"]}

@@ -173,7 +173,7 @@ def test_bad_inputs_name_the_fix(tiny_model_dir, tmp_path):
     with pytest.raises(FormatError, match="not written directly"):
         write_gguf(tiny_model_dir, tmp_path / "x.gguf", "q4_k_m", progress=False)
     gpt2 = copy_with_json(tiny_model_dir, tmp_path / "gpt2", "config.json", lambda c: c.update(model_type="gpt2"))
-    with pytest.raises(FormatError, match="'gpt2' is not supported"):
+    with pytest.raises(FormatError, match="does not support model_type 'gpt2'; supported: llama, "):
         write_gguf(gpt2, tmp_path / "x.gguf", "f32", progress=False)
     bnb = copy_with_json(tiny_model_dir, tmp_path / "bnb", "config.json",
                          lambda c: c.update(quantization_config={"quant_method": "bitsandbytes"}))

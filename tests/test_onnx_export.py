@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from exporter.gate.metrics import compare, max_abs_logit
+from formats.archs import SUPPORTED
 from formats.errors import FormatError
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+# every supported arch (formats/archs.py), with Llama 3.2's variant (tied, llama3 rope) beside plain llama
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "llama3.2", "smollm3", "phi3", "gemma3")
 # qwen2 gets a real Qwen2 rope theta, so the legacy `rope_theta` key is checked with a value that a
 # reader falling back to 10000 would get wrong.
 MODEL_KW = {"qwen2": {"rope_theta": 1e6}}
@@ -76,6 +78,7 @@ def test_float32_logits_match_hf(runners, arch):
     hf, ox = runners[arch]
     ids = _ids(hf)
     parity = compare([hf.logits(i) for i in ids], [ox.logits(i) for i in ids], ids)
+    print(f"\n{arch}: onnx kld {parity.kld_mean:.3g} max|dlogit| {parity.max_abs_logit:.3g}")
     assert parity.positions > 60
     assert parity.max_abs_logit <= F32_MAX_ABS_LOGIT, parity
     assert parity.kld_mean <= F32_KLD_MEAN, parity
@@ -298,7 +301,7 @@ def test_unsupported_arch_is_one_clear_error(tmp_path):
     with pytest.raises(FormatError) as err:
         export_onnx(src, tmp_path / "out")
     msg = str(err.value)
-    assert "\n" not in msg and "'gpt2'" in msg and "supported: llama, mistral, qwen2, qwen3" in msg
+    assert "\n" not in msg and "'gpt2'" in msg and f"supported: {', '.join(SUPPORTED)}" in msg
     assert not (tmp_path / "out").exists()
 
 
@@ -434,7 +437,9 @@ def test_quantized_exports(quantized_dirs, runners, tiny_model_factory, quant, r
     # The float32 graph stays beside it (transformers.js's default dtype); the gate measures the quantized one.
     assert ONNXRunner(d, variant="float32").variant == "float32"
     target = open_target(d)
-    assert (target.dtype, target.runner.variant) == (quant, quant)
+    runner = target.open()
+    assert (target.dtype, runner.variant) == (quant, quant)
+    runner.close()
     assert json.loads((d / "genai_config.json").read_text())["model"]["decoder"]["filename"] == f"onnx/{graph.name}"
     ops, float_weight_matmuls = _op_types(graph)
     assert "MatMulNBits" in ops

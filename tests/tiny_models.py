@@ -70,51 +70,83 @@ def build_tokenizer(vocab_size: int = 512):
     return fast
 
 
-# model_type -> (config class name, extra config kwargs)
+# Llama 3.2 (1B/3B): tied embeddings and llama3 rope scaling; a short original context puts some of the
+# tiny model's frequencies on each part of the ramp.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+# Phi-4-mini: partial rotary (0.75 of each head), longrope with per-frequency short/long factors, tied
+# embeddings. 512-token tests run below the original context, so the short factors apply (non-trivial here).
+PHI3_ROT = 12  # 0.75 * head_dim 16
+PHI3_ROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+             "original_max_position_embeddings": 1024,
+             "short_factor": [1.0 + 0.1 * i for i in range(PHI3_ROT // 2)],
+             "long_factor": [2.0 + 0.5 * i for i in range(PHI3_ROT // 2)]}
+# Gemma 3: 6 layers = llama.cpp's default pattern (5 sliding, 1 full); a 16-token window that every test
+# sequence runs past; local/global rope bases as in Gemma 3 1B; query_pre_attn_scalar = head_dim (1B's).
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+               "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+
+# name -> (config class name, config kwargs that override the defaults below). Names are model_types, or
+# a model_type plus the variant (llama3.2 is model_type llama).
 ARCHS: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", {}),
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {}),
+    "llama3.2": ("LlamaConfig", {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True}),
+    "smollm3": ("SmolLM3Config", {"num_hidden_layers": 4, "rope_parameters": {"rope_type": "default",
+                                                                               "rope_theta": 2000000.0}}),
+    "phi3": ("Phi3Config", {"rope_parameters": PHI3_ROPE, "original_max_position_embeddings": 1024,
+                            "tie_word_embeddings": True}),
+    "gemma3": ("Gemma3TextConfig", {"num_hidden_layers": 6, "sliding_window": 16, "query_pre_attn_scalar": 16,
+                                    "rope_parameters": GEMMA3_ROPE, "tie_word_embeddings": True}),
 }
 
 
 def build_tiny_model(
     out_dir: str | Path,
     arch: str = "llama",
-    tie_word_embeddings: bool = False,
+    tie_word_embeddings: bool | None = None,
     seed: int = 0,
     dtype: str = "float32",
     hidden_size: int = 64,
     intermediate_size: int = 192,
-    num_layers: int = 2,
-    rope_theta: float = 10000.0,
+    num_layers: int | None = None,
+    rope_theta: float | None = None,
+    tokenizer=None,
 ) -> Path:
-    """Save a tiny random causal LM + tokenizer to `out_dir` and return the path."""
+    """Save a tiny random causal LM + tokenizer to `out_dir` and return the path (None: the arch's default)."""
     import torch
     import transformers
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     cls_name, extra = ARCHS[arch]
-    config = getattr(transformers, cls_name)(
+    kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
+        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=hidden_size // 4,
         max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         # A wide init gives peaked next-token distributions, so parity metrics have something to measure.
         initializer_range=0.2,
-        tie_word_embeddings=tie_word_embeddings,
+        tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **extra,
     )
+    kwargs.update(extra)
+    if num_layers is not None:
+        kwargs["num_hidden_layers"] = num_layers
+    if tie_word_embeddings is not None:
+        kwargs["tie_word_embeddings"] = tie_word_embeddings
+    if rope_theta is not None:
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
+    config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.generation_config.bos_token_id = tokenizer.bos_token_id

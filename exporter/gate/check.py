@@ -35,6 +35,7 @@ class GateOptions:
     floor: str = "auto"
     lora: str | Path | None = None  # a LoRA GGUF applied to every GGUF artifact (llama.cpp --lora)
     merged_dir: Path | None = None  # the merged weights the artifacts came from (the pipeline knows them)
+    recipes: dict = field(default_factory=dict)  # GGUF type -> Recipe the target was quantized with (the floor too)
 
     def merge_kw(self) -> dict:
         return {"trained_on": self.trained_on, "double_quant": self.double_quant, "base_dir": self.base}
@@ -107,7 +108,7 @@ def check(source: str | Path, artifacts: list, opts: GateOptions | None = None) 
     # the control needs the merged weights; the floor, a base to quantize (only an adapter reference has one)
     probe = Floor(samples, adapter_dir=source if is_adapter(source) else None,
                   merged_dir=opts.merged_dir or (None if is_adapter(source) else source),
-                  merge_kw=opts.merge_kw(), mode=opts.floor)
+                  merge_kw=opts.merge_kw(), mode=opts.floor, recipes=opts.recipes)
     try:
         targets = _targets(source, artifacts, opts, probe)
         report = run_gate(ref, ref.name, targets, samples, ref.tokenizer, where, opts.gen_tokens, opts.overrides,

@@ -93,7 +93,7 @@ class Floor:
     (format, type) the control and floor files; every measurement is cached for the gate's run."""
 
     def __init__(self, samples: list[Sample], *, adapter_dir: Path | None = None, merged_dir: Path | None = None,
-                 merge_kw: dict | None = None, mode: str = "auto") -> None:
+                 merge_kw: dict | None = None, mode: str = "auto", recipes: dict | None = None) -> None:
         if mode not in FLOOR_MODES:
             raise ValueError(f"--floor {mode!r}: expected one of {', '.join(FLOOR_MODES)}")
         if adapter_dir is None and merged_dir is None:
@@ -102,6 +102,7 @@ class Floor:
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self._merged = Path(merged_dir) if merged_dir else None
         self.merge_kw = merge_kw or {}
+        self.recipes = recipes or {}  # GGUF type -> the target's Recipe: the floor file is quantized the same way
         self._work: Path | None = None
         self._base_logits: list[np.ndarray] | None = None
         self._floors: dict[tuple[str, str], dict[str, float]] = {}
@@ -170,7 +171,8 @@ class Floor:
             base = self.base_as_trained()
             if self._base_logits is None:
                 self._base_logits = self._logits("hf", base)
-            path = build(fmt, base, key[1], self.work, "floor")
+            path = build(fmt, base, key[1], self.work, "floor",
+                         recipe=self.recipes.get(key[1]) if fmt == "gguf" else None)
             self._floors[key] = metrics.compare(self._base_logits, self._logits(fmt, path),
                                                 [s.ids for s in self.samples]).as_dict()
             _remove(path)

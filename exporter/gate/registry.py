@@ -105,15 +105,15 @@ def normalise_quants(quants: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _build_gguf(hf_dir: Path, dtype: str, work: Path, stem: str) -> Path:
+def _build_gguf(hf_dir: Path, dtype: str, work: Path, stem: str, recipe=None) -> Path:
     from formats.gguf.export import export_gguf
 
     out = export_gguf(hf_dir, work / f"{stem}-gguf", [dtype], stem=stem, force=True, check_tokenizer=False,
-                      progress=False)
+                      progress=False, recipes={dtype: recipe} if recipe is not None else None)
     return out.files[0].path
 
 
-def _build_onnx(hf_dir: Path, dtype: str, work: Path, stem: str) -> Path:
+def _build_onnx(hf_dir: Path, dtype: str, work: Path, stem: str, recipe=None) -> Path:
     from formats.onnx.export import export_onnx
 
     kw = {"quant": dtype} if dtype in ("int8", "int4") else {"dtype": dtype}
@@ -122,8 +122,9 @@ def _build_onnx(hf_dir: Path, dtype: str, work: Path, stem: str) -> Path:
 
 # format -> the writer that makes a file of a type from an HF dir (the floor's and the control's files are
 # made by the same code as the shipped ones)
-BUILDERS: dict[str, Callable[[Path, str, Path, str], Path]] = {"gguf": _build_gguf, "onnx": _build_onnx}
+BUILDERS: dict[str, Callable[..., Path]] = {"gguf": _build_gguf, "onnx": _build_onnx}
 
 
-def build(fmt: str, hf_dir: Path, dtype: str, work: Path, stem: str) -> Path:
-    return BUILDERS[fmt](Path(hf_dir), dtype, Path(work), stem)
+def build(fmt: str, hf_dir: Path, dtype: str, work: Path, stem: str, recipe=None) -> Path:
+    """A file of (fmt, dtype) from `hf_dir`; `recipe` (GGUF: importance matrix, tensor types) as the target's."""
+    return BUILDERS[fmt](Path(hf_dir), dtype, Path(work), stem, recipe)

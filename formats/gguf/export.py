@@ -24,7 +24,7 @@ from formats.errors import FormatError
 from formats.fsutil import refuse_existing
 from formats.gguf.adapter import write_lora_gguf
 from formats.gguf.arch import caveats, hparams
-from formats.gguf.quantize import LIBLLAMA_TYPES, quantize_gguf
+from formats.gguf.quantize import LIBLLAMA_TYPES, Recipe, quantize_gguf
 from formats.gguf.writer import DIRECT_TYPES, read_config, source_type, write_gguf
 from lorax_common.hashing import sha256_file
 
@@ -72,8 +72,9 @@ def parse_quants(quants: Sequence[str]) -> list[str]:
 def export_gguf(hf_dir: str | Path, out_dir: str | Path, quants: Sequence[str] = ("f16",), *,
                 adapter_dir: str | Path | None = None, stem: str = "model", name: str | None = None,
                 force: bool = False, check_tokenizer: bool = True, progress: bool = True,
-                nthread: int | None = None) -> GGUFExport:
-    """Write `{stem}-{type}.gguf` per quant type (and `{stem}-lora-f32.gguf` for `adapter_dir`) into out_dir."""
+                nthread: int | None = None, recipes: dict[str, Recipe] | None = None) -> GGUFExport:
+    """Write `{stem}-{type}.gguf` per quant type (and `{stem}-lora-f32.gguf` for `adapter_dir`) into out_dir;
+    `recipes` gives a libllama type its importance matrix / tensor types (formats.gguf.quantize.Recipe)."""
     from formats.gguf.conformance import check_tokenizer as conformance
     from formats.gguf.tokenizer import load_hf_tokenizer, load_vocab
 
@@ -110,7 +111,7 @@ def export_gguf(hf_dir: str | Path, out_dir: str | Path, quants: Sequence[str] =
                 report = conformance(tok, path)
                 probes, warnings = report.probes, warnings + report.warnings
         for q in libllama:
-            warnings += quantize_gguf(inter, staged[q], q, nthread=nthread)
+            warnings += quantize_gguf(inter, staged[q], q, nthread=nthread, recipe=(recipes or {}).get(q))
         if adapter_dir is not None:
             write_lora_gguf(adapter_dir, hf_dir, staged["lora"], progress=progress)
 

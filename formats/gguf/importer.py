@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from formats.fsutil import atomic_dir
-from formats.gguf.inspect import inspect_gguf
+from formats.gguf.inspect import IMPORTABLE_ARCHS, inspect_gguf
 from formats.hf.compat import patch_dir
 from lorax_common.hashing import sha256_file
 from lorax_common.outputs import refuse_overlap
@@ -46,7 +46,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float3
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    info = inspect_gguf(gguf_path)
+    info = inspect_gguf(gguf_path, IMPORTABLE_ARCHS)
     out_dir = Path(out_dir)
     refuse_overlap(out_dir, [info.path])  # `--out dir/ --force` next to dir/m.gguf would delete the source
     torch_dtype = getattr(torch, dtype)

@@ -10,12 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from formats.archs import SUPPORTED
 from formats.errors import FormatError
 
 GGUF_MAGIC = b"GGUF"
 
-# Architectures lorax imports, trains, merges and exports (the GGUF and ONNX writers' set).
-SUPPORTED_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+# llama.cpp architectures of the GGUFs lorax writes and gates (formats/archs.py is the one list).
+SUPPORTED_ARCHS: tuple[str, ...] = tuple(dict.fromkeys(a.gguf_arch for a in SUPPORTED.values()))
+# ... and those `lorax import-gguf` turns back into HF dirs (transformers' GGUF reader, checked per arch)
+IMPORTABLE_ARCHS: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Merges, special-token ids and the chat template come from gguf-py's `SpecialVoca
 decided here: llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`) and whether the tokenizer adds BOS/EOS.
 llama.cpp's own converter picks the pre-tokenizer by hashing the ids of a probe string, which only works for
 vocabularies it has seen; a fine-tune's custom vocabulary needs the *structure* of tokenizer.json's
-pre_tokenizer instead, so that is tried first and the hash table is the fallback. add_bos/add_eos are
+pre_tokenizer instead (as the loaded tokenizer runs it, which transformers may build differently from the
+file), so that is tried first and the hash table is the fallback. add_bos/add_eos are
 measured by running the HF tokenizer, not parsed from config files that may not say.
 """
 
@@ -80,6 +81,16 @@ def structure(node: Mapping[str, Any] | None) -> tuple | None:
         pattern = node.get("pattern", {})
         return ("Split", pattern.get("Regex", pattern.get("String")), node.get("behavior"), node.get("invert"))
     return (kind, json.dumps(node, sort_keys=True))
+
+
+def live_pre_tokenizer(tok, tokenizer_json: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The pre-tokenizer the loaded HF tokenizer really runs. transformers 5 builds tokenizers per model_type
+    (`Qwen2Tokenizer` for qwen2, with Qwen's split regex, even when tokenizer.json says plain ByteLevel), and
+    the model was trained with what it built, not with the file."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer_json.get("pre_tokenizer")
+    return json.loads(backend.to_str()).get("pre_tokenizer")
 
 
 def pre_name(tokenizer_json: Mapping[str, Any], encode) -> str:
@@ -159,7 +170,7 @@ def load_vocab(hf_dir: str | Path, vocab_size: int, hf_tokenizer=None) -> Vocab:
     elif tj.get("model", {}).get("type") == "BPE" and not tj["model"].get("byte_fallback"):
         tokens, types = _bpe_tokens(tj, vocab_size)
         scores, spm_flags, model = None, {}, "gpt2"
-        pre = pre_name(tj, lambda text: tok.encode(text))
+        pre = pre_name({"pre_tokenizer": live_pre_tokenizer(tok, tj)}, lambda text: tok.encode(text))
         merges = SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab_size).merges
     else:
         raise FormatError(f"{hf_dir}: no supported tokenizer; the GGUF writer needs tokenizer.json with a "

@@ -78,6 +78,7 @@ class TensorPlan:
     hf_name: str | None = None
     permute_heads: int | None = None  # q/k rows reordered per head (llama rope layout)
     data: np.ndarray | None = None  # generated tensors (rope factors)
+    shift: float = 0.0  # added to every value (Gemma's (1 + w) norms, stored as llama.cpp multiplies them)
 
     @property
     def nbytes(self) -> int:
@@ -142,7 +143,8 @@ def plan_tensors(hf_dir: Path, spec: archmod.ArchSpec, hp: archmod.HParams, out:
                 if spec.permute_qk and kind in archmod.QK_ROWS:
                     heads = hp.n_head_kv if archmod.QK_ROWS[kind] else hp.n_head
                 order = (1, bid, name) if bid is not None else (0 if kind == T.TOKEN_EMBD else 2, 0, name)
-                plans.append((order, TensorPlan(name, shape, tensor_type(kind, shape, out), path, hf_name, heads)))
+                plans.append((order, TensorPlan(name, shape, tensor_type(kind, shape, out), path, hf_name, heads,
+                                                shift=spec.shift(kind))))
     names = {p.name for _, p in plans}
     if "token_embd.weight" not in names:
         raise FormatError(f"{hf_dir}: no model.embed_tokens.weight in the safetensors files")
@@ -184,6 +186,8 @@ class _StreamedTensor:
     def tofile(self, fout) -> None:
         written = 0
         for chunk in _chunks(self.plan):
+            if self.plan.shift:
+                chunk = chunk.float() + self.plan.shift  # in float32, then stored as the file's type
             arr = ENCODE[self.plan.qtype](chunk)
             arr.tofile(fout)
             written += arr.nbytes
@@ -202,7 +206,7 @@ def write_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
     cfg = read_config(hf_dir)
     spec = archmod.arch_spec(cfg)
     hp = archmod.hparams(cfg)
-    items, extra = archmod.model_metadata(spec, hp)
+    items, extra = archmod.model_metadata(spec, hp, cfg)
     plans = plan_tensors(hf_dir, spec, hp, qtype, extra)
     vocab = vocab or load_vocab(hf_dir, hp.vocab_size)
 

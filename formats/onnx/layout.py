@@ -10,17 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from formats.archs import SUPPORTED, unsupported_message
 from formats.errors import FormatError
 
-# model_type -> the HF class the exporter traces. Each one has the Llama-style decoder (RoPE, GQA,
-# one K and one V tensor per layer) whose cache maps 1:1 onto optimum's per-layer key/value names;
-# each is covered by a parity test on a tiny random model (tests/test_onnx_export.py).
-SUPPORTED_ARCHS: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+# model_type -> the HF class the exporter traces: every architecture lorax carries (formats/archs.py). Each
+# has a decoder whose cache is one K and one V tensor per layer (sliding-window layers included: the graph
+# keeps their whole cache and applies the window in the mask), which maps 1:1 onto optimum's per-layer
+# key/value names; each is covered by a parity test on a tiny random model (tests/test_onnx_export.py).
+SUPPORTED_ARCHS: dict[str, str] = {model_type: a.hf_class for model_type, a in SUPPORTED.items()}
 
 # Graph inputs besides the cache, in the order optimum's exports have them.
 INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -62,11 +59,7 @@ def check_arch(config: dict) -> str:
     """Return the config's model_type, or raise the one-line error that lists what is supported."""
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_ARCHS:
-        arch = ",".join(config.get("architectures") or []) or "unknown architecture"
-        raise FormatError(
-            f"ONNX export does not support model_type {model_type!r} ({arch}); "
-            f"supported: {', '.join(sorted(SUPPORTED_ARCHS))}"
-        )
+        raise FormatError(unsupported_message(model_type, "ONNX export"))
     return model_type
 
 

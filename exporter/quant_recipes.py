@@ -1,0 +1,72 @@
+"""Which recipe (importance matrix, per-tensor types) each GGUF type gets by default, and the `--quant auto` pool.
+
+    lorax export adapter/ --out dist --gguf --quant q4_k_m        # --imatrix auto: DEFAULTS["q4_k_m"] applies
+    lorax export adapter/ --out dist --gguf --quant q4_k_m --imatrix off    # plain libllama, as llama-quantize
+    python scripts/bench_quant.py --adapter adapter/ --sweep      # the measurements behind the tables below
+
+Only measured choices live here (docs/QUANT.md has the tables: SmolLM2-135M demo fine-tune, 50 held-out
+prompts, vs the merged model). A type is listed in IMATRIX_HELPS only where the matrix lowered mean KLD
+on that measurement; types where it did not keep plain libllama under `--imatrix auto`.
+"""
+
+from __future__ import annotations
+
+from formats.gguf.imatrix import Imatrix
+from formats.gguf.quantize import NEEDS_IMATRIX, Recipe
+
+# tensor classes (GGUF names blk.N.<class>.weight) the sensitivity sweep bumps one at a time
+SENSITIVITY_CLASSES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+# types where the fine-tune's own matrix lowered mean KLD on the demo (see module doc); i-quants need one
+# (q5_k_m measured worse with it: 0.135 -> 0.263); i-quants that need one get it
+IMATRIX_HELPS = frozenset({"q4_k_m", "q4_k_s"}) | NEEDS_IMATRIX
+
+# per-type tensor overrides lorax adds on top of the matrix (pattern, type), measured to pay for their bytes
+OVERRIDES: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
+def default_recipe(qtype: str, imx: Imatrix | None) -> Recipe:
+    """What `--imatrix auto` makes of `qtype`: the matrix (and measured overrides) where they helped."""
+    if imx is None or qtype not in IMATRIX_HELPS:
+        return Recipe()
+    return Recipe(imatrix=imx, tensor_types=OVERRIDES.get(qtype, ()))
+
+
+def wants_imatrix(quants: tuple[str, ...] | list[str]) -> bool:
+    return any(q in IMATRIX_HELPS for q in quants)
+
+
+def lorax_recipes(imx: Imatrix) -> list:
+    """The `--quant auto` pool besides plain types: every offered lossy type with the matrix."""
+    from exporter.quant_auto import Candidate
+
+    return [Candidate(q, Recipe(imatrix=imx, tensor_types=OVERRIDES.get(q, ())), "imatrix")
+            for q in ("q4_k_m", "q4_k_s", "q5_k_s", "q5_k_m", "q3_k_m", "iq4_xs", "iq3_m", "iq3_xxs", "q6_k")]
+
+
+# the sizes --quant auto chooses among (registry rows, lossy, 3-6 bits: q8_0 is the lossless-ish ceiling)
+AUTO_TYPES = ("q3_k_m", "q4_0", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_xs", "iq3_m", "iq3_xxs")
+
+
+def auto_pool(imx: Imatrix | None, user: Recipe | None = None) -> list:
+    """Candidates of `--quant auto`: each offered type plain and, with a matrix, with it (user overrides on all)."""
+    from dataclasses import replace
+
+    from exporter.quant_auto import Candidate
+    from exporter.gate.registry import offered
+
+    user = user or Recipe()
+    offered_types = set(offered("gguf"))
+    pool = []
+    for q in AUTO_TYPES:
+        if q not in offered_types:
+            continue
+        variants = [] if q in NEEDS_IMATRIX else [(Recipe(), "")]
+        if imx is not None:
+            variants.append((Recipe(imatrix=imx, tensor_types=OVERRIDES.get(q, ())), "imatrix"))
+        for r, label in variants:
+            r = replace(r, tensor_types=user.tensor_types + r.tensor_types,
+                        output_type=user.output_type or r.output_type,
+                        embedding_type=user.embedding_type or r.embedding_type)
+            pool.append(Candidate(q, r, label))
+    return pool

@@ -1,0 +1,188 @@
+"""Importance matrices: mean x² per input column of every linear, for libllama's quantizer.
+
+    lorax export ADAPTER --out dist --gguf --quant q4_k_m                    # --imatrix auto (the default)
+    lorax export ADAPTER --out dist --gguf --quant q4_k_m --calibration my.jsonl --imatrix-tokens 30000
+    llama-quantize --imatrix dist/imatrix.gguf merged-f32.gguf out.gguf Q4_K_M   # the same file, llama.cpp's tool
+
+    from formats.gguf.imatrix import collect_imatrix, write_imatrix, read_imatrix
+    imx = collect_imatrix("merged/", [ids, ...], token_budget=30_000)   # torch hooks on nn.Linear inputs
+    write_imatrix(imx, "imatrix.gguf"); assert read_imatrix("imatrix.gguf").values().keys() == imx.values().keys()
+
+The quantizer weighs each weight's rounding error by how large its input column runs on real data
+(llama.cpp PR 4861), so the matrix should come from text like the model will see: the fine-tune's own
+training rows, rendered as training rendered them (exporter.calibration). It is computed on the merged
+model in torch (the trained model, not a quantized copy) and keyed by GGUF tensor names through
+formats.gguf.arch.gguf_tensor_name. Input columns are not permuted by the writer (only q/k *rows* are),
+so a column statistic of the HF weight is the statistic of the GGUF weight.
+
+File format (llama.cpp tools/imatrix, read by common/imatrix-loader.cpp): a GGUF with `general.type =
+imatrix`, `imatrix.datasets` (strings), `imatrix.chunk_count`, `imatrix.chunk_size` (u32) and per weight two
+F32 tensors `<name>.in_sum2` (sum of x² per column) and `<name>.counts` (tokens seen). The quantizer gets
+`in_sum2 / counts` in float32, computed here by `Imatrix.values()` exactly as llama-quantize computes it
+from the file, so quantizing from memory and from the written file gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from formats.errors import FormatError
+
+DEFAULT_TOKEN_BUDGET = 32_768  # ~the 28.6k tokens of 300 demo rows: past that the matrix barely moves
+
+
+@dataclass
+class Imatrix:
+    """Per GGUF weight name: float32 sum of x² per input column, and how many tokens went into it."""
+
+    sums: dict[str, np.ndarray]
+    counts: dict[str, int]
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return max(self.counts.values(), default=0)
+
+    def values(self) -> dict[str, np.ndarray]:
+        """What the quantizer weighs by: in_sum2 / counts in float32 (1.0 where nothing was seen, as llama.cpp)."""
+        out = {}
+        for name, s in self.sums.items():
+            s = np.asarray(s, dtype=np.float32)
+            c = np.float32(self.counts[name])
+            out[name] = (s / c).astype(np.float32) if c > 0 else np.ones_like(s)
+        return out
+
+
+def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
+                    token_budget: int = DEFAULT_TOKEN_BUDGET, datasets: Sequence[str] = (),
+                    progress: bool = True, model=None) -> Imatrix:
+    """Run `sequences` (token ids, one forward each, no padding) through the HF model at `hf_dir` and sum x²
+    per input column of every nn.Linear that has a GGUF name; stops after `token_budget` tokens."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from formats.gguf.arch import arch_spec, gguf_tensor_name, hparams
+    from formats.gguf.writer import read_config
+
+    if token_budget < 1:
+        raise FormatError(f"imatrix token budget must be at least 1, got {token_budget}")
+    cfg = read_config(Path(hf_dir))
+    spec = arch_spec(cfg)
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model.eval()
+    tied = hparams(cfg).tied
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook_for(name: str):
+        def hook(_mod, args):
+            x = args[0].detach().to(torch.float64).reshape(-1, args[0].shape[-1])
+            sq = (x * x).sum(0)
+            sums[name] = sums[name] + sq if name in sums else sq
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or (tied and mod_name == "lm_head"):
+            continue  # a tied output is token_embd, which llama.cpp's tool does not collect either
+        mapped = gguf_tensor_name(spec, f"{mod_name}.weight")
+        if mapped is not None:
+            hooks.append(mod.register_forward_pre_hook(hook_for(mapped[0])))
+    seen, chunks, longest = 0, 0, 0
+    try:
+        with torch.inference_mode(), tqdm(total=token_budget, desc="imatrix", unit="tok", disable=not progress,
+                                          leave=False) as bar:
+            for ids in sequences:
+                ids = list(ids)[: token_budget - seen]
+                if not ids:
+                    break
+                model(input_ids=torch.tensor([ids]))
+                seen, chunks, longest = seen + len(ids), chunks + 1, max(longest, len(ids))
+                bar.update(len(ids))
+                if seen >= token_budget:
+                    break
+    finally:
+        for h in hooks:
+            h.remove()
+    if not sums:
+        raise FormatError("no calibration tokens went through the model; the importance matrix is empty")
+    return Imatrix({k: v.to(torch.float32).numpy() for k, v in sums.items()}, counts, list(datasets),
+                   chunks, longest)
+
+
+def write_imatrix(imx: Imatrix, path: str | Path) -> Path:
+    """Write `imx` as llama.cpp's GGUF imatrix file (tools/imatrix's layout)."""
+    from gguf import GGUFWriter, Keys
+
+    path = Path(path)
+    w = GGUFWriter(str(path), arch="imatrix")
+    w.kv_data[0].pop(Keys.General.ARCHITECTURE, None)  # llama.cpp's imatrix files carry no architecture
+    w.add_type("imatrix")
+    w.add_array(Keys.IMatrix.DATASETS, list(imx.datasets) or ["lorax"])
+    w.add_uint32(Keys.IMatrix.CHUNK_COUNT, imx.chunk_count)
+    w.add_uint32(Keys.IMatrix.CHUNK_SIZE, imx.chunk_size)
+    for name in sorted(imx.sums):
+        s = np.asarray(imx.sums[name], dtype=np.float32).reshape(1, -1)  # ggml ne = (n_cols, n_mat=1)
+        w.add_tensor(f"{name}.in_sum2", s)
+        w.add_tensor(f"{name}.counts", np.array([[imx.counts[name]]], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return path
+
+
+def read_imatrix(path: str | Path) -> Imatrix:
+    """Read a GGUF imatrix file (ours or llama-imatrix's); counts are rounded to integers as llama.cpp does."""
+    from gguf import GGUFReader, Keys
+
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - gguf raises bare ValueErrors on bad magic
+        raise FormatError(f"{path}: not a GGUF imatrix file ({e}); legacy .dat files are not read") from None
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for t in r.tensors:
+        if t.name.endswith(".in_sum2"):
+            sums[t.name[: -len(".in_sum2")]] = np.array(t.data, dtype=np.float32).reshape(-1)
+        elif t.name.endswith(".counts"):
+            counts[t.name[: -len(".counts")]] = int(round(float(np.asarray(t.data).reshape(-1)[0])))
+    missing = sorted(set(sums) ^ set(counts))
+    if missing or not sums:
+        raise FormatError(f"{path}: mismatched sums and counts for {', '.join(missing) or 'every tensor'}")
+
+    def field_value(key: str):
+        f = r.fields.get(key)
+        return None if f is None else f.contents()
+
+    return Imatrix(sums, counts, list(field_value(Keys.IMatrix.DATASETS) or []),
+                   int(field_value(Keys.IMatrix.CHUNK_COUNT) or 0), int(field_value(Keys.IMatrix.CHUNK_SIZE) or 0))
+
+
+def c_imatrix(values: dict[str, np.ndarray]):
+    """`values` as libllama's NULL-name-terminated `llama_model_imatrix_data` array; returns (array, keepalive):
+    the float buffers must outlive the quantize call."""
+    import ctypes
+
+    import llama_cpp
+
+    keep = []
+    arr = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
+    for i, name in enumerate(sorted(values)):
+        buf = np.ascontiguousarray(values[name], dtype=np.float32)
+        keep.append(buf)
+        arr[i].name = name.encode()
+        arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = buf.size
+    arr[len(values)].name = None
+    return arr, keep

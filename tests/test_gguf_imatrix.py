@@ -1,0 +1,134 @@
+"""Importance matrix: collection (mean x² per input column), the GGUF imatrix file, and libllama receiving it.
+
+On the tiny model most K-quant rows fall back to legacy types (64-wide rows); those fallback types use the
+matrix too, so "with a matrix the bytes differ" holds here as on real models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+
+from formats.errors import FormatError
+from formats.fsutil import sha256_file
+from formats.gguf.export import export_gguf
+from formats.gguf.imatrix import Imatrix, collect_imatrix, read_imatrix, write_imatrix
+from formats.gguf.quantize import Recipe, quantize_gguf
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def seqs():
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, 500, 40).tolist() for _ in range(5)]
+
+
+@pytest.fixture(scope="module")
+def imx(tiny_model_dir, model, seqs) -> Imatrix:
+    return collect_imatrix(tiny_model_dir, seqs, token_budget=150, progress=False, model=model,
+                           datasets=["train.jsonl"])
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tiny_model_dir, tmp_path_factory):
+    out = export_gguf(tiny_model_dir, tmp_path_factory.mktemp("imx-f32"), ["f32"], check_tokenizer=False,
+                      progress=False)
+    return out.files[0].path
+
+
+def test_collection_is_the_hand_computed_sum_of_squares(imx, model, seqs):
+    # budget 150 of 5 x 40 tokens: three whole sequences and 30 tokens of the fourth
+    assert imx.tokens == 150 and imx.chunk_count == 4 and imx.chunk_size == 40
+    layers = model.model.layers
+    with torch.inference_mode():
+        want_q = torch.zeros(64, dtype=torch.float64)
+        for ids in [*seqs[:3], seqs[3][:30]]:
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            h1 = out.hidden_states[1][0]  # input of layer 1
+            x = layers[1].input_layernorm(h1).double()
+            want_q += (x * x).sum(0)
+        # layer 0's q_proj input is the normed embedding, computable without the forward
+        emb = model.model.embed_tokens(torch.tensor([t for s in [*seqs[:3], seqs[3][:30]] for t in s]))
+        x0 = layers[0].input_layernorm(emb).double()
+        want_q0 = (x0 * x0).sum(0)
+    np.testing.assert_allclose(imx.sums["blk.0.attn_q.weight"], want_q0.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(imx.sums["blk.1.attn_k.weight"], want_q.numpy(), rtol=1e-5)
+    assert imx.counts["blk.0.attn_q.weight"] == 150
+    # q, k, v share one input; the value the quantizer gets is the mean
+    np.testing.assert_array_equal(imx.sums["blk.0.attn_q.weight"], imx.sums["blk.0.attn_v.weight"])
+    np.testing.assert_allclose(imx.values()["blk.0.attn_q.weight"], want_q0.numpy() / 150, rtol=1e-5)
+    assert imx.sums["blk.0.ffn_down.weight"].shape == (192,)  # ffn_down's input is the 192-wide hidden
+    # every linear with a GGUF name: 7 per block x 2 blocks + the untied output
+    assert len(imx.sums) == 15 and "output.weight" in imx.sums
+
+
+def test_gguf_imatrix_file_round_trip(imx, tmp_path):
+    path = write_imatrix(imx, tmp_path / "imatrix.gguf")
+    r = GGUFReader(str(path))
+    assert r.fields["general.type"].contents() == "imatrix"
+    assert "general.architecture" not in r.fields
+    assert r.fields["imatrix.datasets"].contents() == ["train.jsonl"]
+    assert r.fields["imatrix.chunk_count"].contents() == 4
+    names = {t.name: t for t in r.tensors}
+    assert len(names) == 30
+    t = names["blk.0.ffn_down.weight.in_sum2"]
+    assert t.tensor_type == GGMLQuantizationType.F32 and list(t.shape) == [192, 1]  # ggml ne: (cols, n_mat)
+    assert float(names["blk.0.ffn_down.weight.counts"].data.reshape(-1)[0]) == 150.0
+    back = read_imatrix(path)
+    assert back.counts == imx.counts and back.chunk_count == 4 and back.chunk_size == 40
+    for k, v in imx.values().items():
+        np.testing.assert_array_equal(back.values()[k], v)
+
+
+def test_bad_imatrix_files_are_refused(tmp_path, imx):
+    (tmp_path / "x.dat").write_bytes(b"\x01\x00\x00\x00junk")
+    with pytest.raises(FormatError, match="not a GGUF imatrix"):
+        read_imatrix(tmp_path / "x.dat")
+    half = Imatrix({"blk.0.attn_q.weight": imx.sums["blk.0.attn_q.weight"]}, {}, [], 1, 1)
+    with pytest.raises(KeyError):
+        write_imatrix(half, tmp_path / "half.gguf")
+
+
+def test_quantizer_receives_the_matrix(imx, f32_gguf, tmp_path):
+    plain = tmp_path / "plain.gguf"
+    quantize_gguf(f32_gguf, plain, "q4_k_m", nthread=1)
+    mem = tmp_path / "mem.gguf"
+    quantize_gguf(f32_gguf, mem, "q4_k_m", nthread=1, recipe=Recipe(imatrix=imx))
+    filed = tmp_path / "file.gguf"
+    quantize_gguf(f32_gguf, filed, "q4_k_m", nthread=1,
+                  recipe=Recipe(imatrix=read_imatrix(write_imatrix(imx, tmp_path / "imatrix.gguf"))))
+    assert sha256_file(mem) != sha256_file(plain)  # the matrix changed the rounding
+    assert sha256_file(mem) == sha256_file(filed)  # and the written file carries exactly that matrix
+    # a different matrix gives different bytes: the quantizer reads the values, not just "some matrix"
+    flat = Imatrix({k: np.ones_like(v) for k, v in imx.sums.items()}, dict(imx.counts))
+    other = tmp_path / "flat.gguf"
+    quantize_gguf(f32_gguf, other, "q4_k_m", nthread=1, recipe=Recipe(imatrix=flat))
+    assert sha256_file(other) not in {sha256_file(mem), sha256_file(plain)}
+
+
+def test_low_bit_iquants_need_the_matrix(imx, f32_gguf, tmp_path):
+    with pytest.raises(FormatError, match="needs an importance matrix"):
+        quantize_gguf(f32_gguf, tmp_path / "a.gguf", "iq3_xxs", nthread=1)
+    quantize_gguf(f32_gguf, tmp_path / "b.gguf", "iq3_xxs", nthread=1, recipe=Recipe(imatrix=imx))
+    assert (tmp_path / "b.gguf").stat().st_size > 0
+
+
+def test_tensor_type_overrides_and_output_type(f32_gguf, tmp_path):
+    out = tmp_path / "ovr.gguf"
+    quantize_gguf(f32_gguf, out, "q4_0", nthread=1,
+                  recipe=Recipe(tensor_types=((r"ffn_down", "q8_0"),), output_type="f16", embedding_type="q8_0"))
+    types = {t.name: t.tensor_type for t in GGUFReader(str(out)).tensors}
+    assert types["blk.0.ffn_down.weight"] == types["blk.1.ffn_down.weight"] == GGMLQuantizationType.Q8_0
+    assert types["blk.0.ffn_up.weight"] == GGMLQuantizationType.Q4_0
+    assert types["output.weight"] == GGMLQuantizationType.F16
+    assert types["token_embd.weight"] == GGMLQuantizationType.Q8_0
+    with pytest.raises(FormatError, match="not offered"):
+        quantize_gguf(f32_gguf, tmp_path / "x.gguf", "q4_0", recipe=Recipe(output_type="q9_9"))
