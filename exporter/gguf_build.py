@@ -139,8 +139,8 @@ def choose_auto(source: Path, merged: Path, tmp: Path, imx: Imatrix | None, opts
 
     from exporter import quant_auto
     from exporter.gate.evaluate import run_reference
-    from exporter.quant_recipes import auto_pool
     from exporter.gate.samples import build, load_rows
+    from exporter.quant_recipes import auto_pool
     from formats.gguf.export import export_gguf
     from formats.gguf.writer import source_type
     from formats.hf.runner import HFRunner

@@ -52,8 +52,8 @@ def auto_pool(imx: Imatrix | None, user: Recipe | None = None) -> list:
     """Candidates of `--quant auto`: each offered type plain and, with a matrix, with it (user overrides on all)."""
     from dataclasses import replace
 
-    from exporter.quant_auto import Candidate
     from exporter.gate.registry import offered
+    from exporter.quant_auto import Candidate
 
     user = user or Recipe()
     offered_types = set(offered("gguf"))

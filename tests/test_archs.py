@@ -182,8 +182,8 @@ def test_qlora_adapter_merges_exactly(models, tmp_path, name):
     from adapters import logits, make_adapter, sample_ids
     from transformers import AutoModelForCausalLM
 
-    from exporter.merge.plan import merge_adapter
     from exporter.gate.metrics import compare
+    from exporter.merge.plan import merge_adapter
 
     ids = sample_ids(models[name])
     ref = make_adapter(models[name], tmp_path / "ad", "nf4", double_quant=True)
