@@ -58,7 +58,8 @@ def rows(report: dict, out_dir: Path) -> list[dict[str, Any]]:
         m = t.get("metrics", {})
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else (
             path.stat().st_size if path.is_file() else 0)
-        out.append({"file": t["name"] if not t.get("gated", True) else str(rel), "format": t["format"],
+        paired = not t.get("gated", True) or " + " in t["name"]  # a LoRA pair is named by both of its files
+        out.append({"file": t["name"] if paired else str(rel), "format": t["format"],
                     "type": t["dtype"], "size_mb": size / 1e6, "kld_mean": m.get("kld_mean"), "top1": m.get("top1"),
                     "task_accuracy": m.get("task_accuracy"),
                     "gate": ("pass" if t["passed"] else "FAIL") if t.get("gated", True) else "not gated"})

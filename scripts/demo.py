@@ -77,10 +77,12 @@ def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
     # (label, opener, path): each artifact is loaded for its row only, then closed
     artifacts: list[tuple[str, object, Path | None]] = [("base (no adapter)", lambda: HFRunner(base), base),
                                                         ("PEFT adapter (reference)", lambda: ref, adapter)]
-    lora = next(iter(dist.glob("*-lora-*.gguf")), None)
-    for path in [dist / "merged", *sorted(dist.glob("*.gguf"))]:
-        if path.exists() and path != lora:
-            t = open_target(path, lora if path.name.startswith("base-as-trained-") else None)
+    # the GGUFs the export wrote, by kind (model files, the base the LoRA GGUF applies to; not the imatrix)
+    kinds = {dist / a["path"]: a["kind"] for a in json.loads((dist / "lorax.json").read_text())["artifacts"]}
+    lora = next((p for p, k in kinds.items() if k == "lora"), None)
+    for path in [dist / "merged", *sorted(p for p, k in kinds.items() if k in ("model", "base"))]:
+        if path.exists():
+            t = open_target(path, lora if kinds.get(path) == "base" else None)
             label = f"{t.format} {t.dtype}" + {"hf": " (merged)", "gguf": " + LoRA GGUF" if t.lora else ""}.get(
                 t.format, "")
             artifacts.append((label, t.open, path))

@@ -12,10 +12,10 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
 from formats.errors import FormatError
-from formats.fsutil import sha256_file
 from formats.gguf.export import export_gguf
 from formats.gguf.imatrix import Imatrix, collect_imatrix, read_imatrix, write_imatrix
 from formats.gguf.quantize import Recipe, quantize_gguf
+from lorax_common.hashing import sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def lora_pairing(lora: Path, floor) -> Target:
         return GGUFRunner(floor.original_base_gguf(), lora_path=lora, name=f"original base + {lora.name}")
 
     return Target(f"original-base + {lora.name}", "gguf", "f32", lora, lora=lora, gated=False, opener=opener,
-                  note="ungated: the LoRA over a GGUF of the original (unquantized) base, the naive merge "
+                  note="the LoRA over a GGUF of the original (unquantized) base, the naive merge "
                        "llama.cpp computes when the LoRA is paired with the wrong base")
 
 
