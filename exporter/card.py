@@ -53,8 +53,8 @@ def rows(report: dict, out_dir: Path) -> list[dict[str, Any]]:
     """One row per gated file, numbers straight from report.json."""
     out = []
     for t in report.get("targets", []):
-        path = Path(t["path"]).resolve()
-        rel = path.relative_to(out_dir.resolve()) if path.is_relative_to(out_dir.resolve()) else path
+        path = out_dir / t["path"]  # relative to dist/ (exporter.gate.report.portable) or absolute
+        rel = t["path"]
         m = t.get("metrics", {})
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else (
             path.stat().st_size if path.is_file() else 0)

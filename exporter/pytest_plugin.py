@@ -84,7 +84,7 @@ def _regate(dist: Path, adapter_opt: str | None) -> dict[str, Any]:
                            "reference outputs that would stand in for it; pass --lorax-adapter DIR")
     prompts = report.get("prompts")
     prompts = prompts if prompts and Path(prompts).is_file() else None
-    artifacts = [Path(t["path"]) for t in report["targets"] if t.get("gated", True)]
+    artifacts = [dist / t["path"] for t in report["targets"] if t.get("gated", True)]
     lora = next((dist / a["path"] for a in meta.get("artifacts", []) if a.get("kind") == "lora"), None)
     from exporter.gate.targets import open_target
 
@@ -136,7 +136,7 @@ class BaselineFile(pytest.File):
 
 class BaselineItem(pytest.Item):
     def runtest(self) -> None:
-        from exporter import baseline
+        from exporter.gate import baseline
         from exporter.gate.targets import open_target
         from exporter.gate.thresholds import DRIFT_THRESHOLDS, parse_overrides, violations
 

@@ -48,7 +48,7 @@ def measure(candidates: Sequence[Candidate], inter: Path, work: Path, ref_logits
     """Quantize and measure every candidate (one file on disk at a time unless `keep`)."""
     from tqdm.auto import tqdm
 
-    from exporter import metrics
+    from exporter.gate import metrics
     from exporter.gate.evaluate import gen_budget, task_accuracy
     from formats.gguf.quantize import quantize_gguf
     from formats.gguf.runner import GGUFRunner

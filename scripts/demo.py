@@ -72,7 +72,7 @@ def evaluate(args, base: Path, adapter: Path, dist: Path) -> dict:
     kld_samples = samples[: args.gate_samples]
     ref_logits = [ref.logits(s.ids) for s in kld_samples]
     report = json.loads((dist / "report.json").read_text()) if (dist / "report.json").exists() else {"targets": []}
-    by_path = {Path(t["path"]).resolve(): t for t in report["targets"]}
+    by_path = {(dist / t["path"]).resolve(): t for t in report["targets"]}
 
     # (label, opener, path): each artifact is loaded for its row only, then closed
     artifacts: list[tuple[str, object, Path | None]] = [("base (no adapter)", lambda: HFRunner(base), base),

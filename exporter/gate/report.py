@@ -104,11 +104,22 @@ def kld_svg(report: Report, width: int = 900, height: int = 320) -> str:
     return "\n".join(out)
 
 
+def portable(data: dict, out_dir: Path) -> dict:
+    """Target paths inside `out_dir` written relative to it, so a copied or moved dist/ still names its files
+    (readers join them to the report's folder: `dist / t["path"]`)."""
+    root = out_dir.resolve()
+    for t in data["targets"]:
+        p = Path(t["path"]).resolve()
+        if p.is_relative_to(root):
+            t["path"] = str(p.relative_to(root))
+    return data
+
+
 def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "svg": out_dir / "kld.svg"}
-    texts = {"json": json.dumps(report.as_dict(), indent=2) + "\n", "md": to_markdown(report),
+    texts = {"json": json.dumps(portable(report.as_dict(), out_dir), indent=2) + "\n", "md": to_markdown(report),
              "svg": kld_svg(report)}
     for key, path in paths.items():
         tmp = path.with_name(f".{path.name}.tmp")
