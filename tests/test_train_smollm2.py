@@ -32,7 +32,8 @@ def test_qlora_smollm2_reloads_exactly(smollm2_dir, tmp_path):
     assert rec["base"]["storage_dtype"] == "float32" and rec["base"]["architecture"] == "llama"
     assert rec["quantization"] == {"method": "bnb-4bit", "quant_type": "nf4", "blocksize": 64, "double_quant": True,
                                    "compute_dtype": "float32", "quant_storage": "uint8",
-                                   "unquantized_dtype": "float32", "load_dtype": "float32"}
+                                   "unquantized_dtype": "float32", "load_dtype": "float32",
+                                   "torch_threads": torch.get_num_threads()}
     # tied embeddings: all-linear adapts the projections, never the (tied) output head
     assert "lm_head" not in rec["lora"]["target_modules"] and "q_proj" in rec["lora"]["target_modules"]
     assert rec["metrics"]["eval_loss"] < rec["metrics"]["eval_loss_before"]
