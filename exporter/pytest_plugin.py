@@ -137,21 +137,14 @@ class BaselineFile(pytest.File):
 class BaselineItem(pytest.Item):
     def runtest(self) -> None:
         from exporter.gate import baseline
-        from exporter.gate.targets import open_target
-        from exporter.gate.thresholds import DRIFT_THRESHOLDS, parse_overrides, violations
+        from exporter.gate.thresholds import violations
 
         data = baseline.load(self.path)
         artifact = Path(data["artifact"])
         if not artifact.exists() and (self.path.parent / artifact).exists():
             artifact = self.path.parent / artifact
-        runner = open_target(artifact).open()
-        try:
-            baseline.check_inputs(data, runner, None)
-            drift = baseline.compare(data, runner)
-        finally:
-            runner.close()
-        limits = {**DRIFT_THRESHOLDS, **parse_overrides(tuple(self.config.getoption("lorax_threshold")), None)}
-        failures = violations(drift.metrics, {k: v for k, v in limits.items() if v is not None})
+        drift = baseline.drift_of(data, artifact)
+        failures = violations(drift.metrics, baseline.drift_limits(tuple(self.config.getoption("lorax_threshold"))))
         if failures:
             raise LoraxFailure(f"{artifact} drifted from {self.path.name}: {'; '.join(failures)}")
 

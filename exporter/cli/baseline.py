@@ -77,14 +77,14 @@ def _save(artifact, prompts, out_path, tokenizer_dir, gen_tokens, max_samples, f
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE")
 def compare_cmd(artifact, baseline_path, prompts, tokenizer_dir, thresholds) -> None:
-    from exporter.errors import GateFailed, LoraxError
+    from exporter.errors import GateFailed
     from exporter.gate import baseline
     from exporter.gate.preflight import check_artifacts
     from exporter.gate.samples import build, load_rows
-    from exporter.gate.targets import open_target
-    from exporter.gate.thresholds import DRIFT_THRESHOLDS, parse_overrides, violations
+    from exporter.gate.thresholds import violations
 
     data = baseline.load(baseline_path)
+    limits = baseline.drift_limits(thresholds)  # a bad --threshold fails before the artifact runs
     check_artifacts([artifact])
     samples = None
     if prompts:
@@ -92,17 +92,7 @@ def compare_cmd(artifact, baseline_path, prompts, tokenizer_dir, thresholds) -> 
         chosen = data.get("selection") or {}
         samples = build(rows, _tokenizer_for(artifact, tokenizer_dir or chosen.get("tokenizer")),
                         max_samples=chosen.get("max_samples"))
-    runner = open_target(artifact).open()
-    try:
-        baseline.check_inputs(data, runner, samples)
-        drift = baseline.compare(data, runner)
-    finally:
-        runner.close()
-    try:
-        limits = {**DRIFT_THRESHOLDS, **parse_overrides(thresholds, None)}
-    except ValueError as e:
-        raise LoraxError(str(e)) from None
-    limits = {k: v for k, v in limits.items() if v is not None}
+    drift = baseline.drift_of(data, artifact, samples)
     failures = violations(drift.metrics, limits)
     click.echo(json.dumps({"artifact": str(artifact), "baseline": str(baseline_path), "metrics": drift.metrics,
                            "thresholds": limits, "baseline_versions": data.get("versions"),

@@ -104,3 +104,26 @@ def compare(baseline: dict, runner) -> Drift:
         "greedy_match": greedy_match(base_greedy, new_greedy),
     }
     return Drift(m, k)
+
+
+def drift_of(baseline: dict, artifact: str | Path, samples: list[Sample] | None = None) -> Drift:
+    """Load `artifact`, check it reads the baseline's ids, measure its drift, close it."""
+    from exporter.gate.targets import open_target
+
+    runner = open_target(artifact).open()
+    try:
+        check_inputs(baseline, runner, samples)
+        return compare(baseline, runner)
+    finally:
+        runner.close()
+
+
+def drift_limits(pairs: tuple[str, ...]) -> dict[str, float]:
+    """`lorax baseline compare`'s limits with --threshold METRIC=VALUE overrides (=none ungates one)."""
+    from exporter.gate.thresholds import DRIFT_THRESHOLDS, parse_overrides
+
+    try:
+        limits = {**DRIFT_THRESHOLDS, **parse_overrides(pairs, None)}
+    except ValueError as e:
+        raise LoraxError(str(e)) from None
+    return {k: v for k, v in limits.items() if v is not None}
