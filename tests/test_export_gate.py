@@ -124,7 +124,7 @@ def test_lora_gguf_is_gated_on_the_base_as_trained(tiny_model_dir, tmp_path, rsl
     pair = by["base-as-trained-f32.gguf + model-lora-f32.gguf"]
     assert pair["gated"] and pair["passed"] and pair["metrics"]["kld_mean"] <= 1e-4, pair
     naive = by["original-base + model-lora-f32.gguf"]
-    assert not naive["gated"] and "ungated" in naive["note"]
+    assert not naive["gated"] and "original (unquantized) base" in naive["note"]
     assert naive["metrics"]["kld_mean"] > 100 * pair["metrics"]["kld_mean"], (naive["metrics"], pair["metrics"])
     assert "original-base + model-lora-f32.gguf" in (out / "report.md").read_text()
     kinds = {a["kind"]: a["path"] for a in json.loads((out / "lorax.json").read_text())["artifacts"]}
