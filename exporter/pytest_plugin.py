@@ -55,6 +55,15 @@ class LoraxFailure(Exception):
     """A failed parity or drift check: the message names each violated metric."""
 
 
+class LoraxItem(pytest.Item):
+    """An item whose failure is one line naming the violated metrics, not a traceback."""
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, LoraxFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+
 class DistFile(pytest.File):
     """dist/lorax.json: one item per artifact gated at export."""
 
@@ -97,7 +106,7 @@ def _regate(dist: Path, adapter_opt: str | None) -> dict[str, Any]:
     return {t.name: t for t in again.targets}
 
 
-class DistItem(pytest.Item):
+class DistItem(LoraxItem):
     def __init__(self, *, target: dict | None, **kw) -> None:
         super().__init__(**kw)
         self.target = target
@@ -114,11 +123,6 @@ class DistItem(pytest.Item):
         if failures:
             raise LoraxFailure(f"{self.name}: " + "; ".join(failures))
 
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, LoraxFailure):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style)
-
     def reportinfo(self):
         return self.path, None, f"lorax parity: {self.name}"
 
@@ -134,7 +138,7 @@ class BaselineFile(pytest.File):
         yield BaselineItem.from_parent(self, name=f"drift:{Path(_json(self.path)['artifact']).name}")
 
 
-class BaselineItem(pytest.Item):
+class BaselineItem(LoraxItem):
     def runtest(self) -> None:
         from exporter.gate import baseline
         from exporter.gate.thresholds import violations
@@ -147,11 +151,6 @@ class BaselineItem(pytest.Item):
         failures = violations(drift.metrics, baseline.drift_limits(tuple(self.config.getoption("lorax_threshold"))))
         if failures:
             raise LoraxFailure(f"{artifact} drifted from {self.path.name}: {'; '.join(failures)}")
-
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, LoraxFailure):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
         return self.path, None, f"lorax drift: {self.name}"
