@@ -30,7 +30,7 @@ CASES: dict[str, tuple[list[str], set[str]]] = {
     "merge": ([], {"hf:merged", "model-f32.gguf", "model-q4_k_m.gguf"}),
     "gguf": ([], {"hf:merged", "model-f32.gguf", "model-q4_k_m.gguf"}),
     "quantize": ([], {"hf:merged", "model-f32.gguf", "model-q4_k_m.gguf"}),
-    "onnx": (["--onnx"], {"hf:merged", "model-f32.gguf", "model-q4_k_m.gguf", "onnx:onnx"}),
+    "onnx": (["--onnx"], {"hf:merged", "model-f32.gguf", "model-q4_k_m.gguf", "onnx:model.onnx"}),  # each graph gated
     "gate": ([], {"hf:merged", "model-f32.gguf", "model-q4_k_m.gguf"}),
 }
 
