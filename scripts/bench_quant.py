@@ -6,7 +6,7 @@
 Everything is measured against the merged model (float32, torch) on the adapter's held-out eval.jsonl:
 mean KLD, top-1, greedy match and task accuracy (exact answers), with file bytes. "plain" is what
 `llama-quantize` makes with no options; "imatrix" adds the importance matrix from the fine-tune's own
-training rows (exporter.calibration); "+..." adds per-tensor types. The original base's own q4_k_m loss
+training rows (exporter.export.calibration); "+..." adds per-tensor types. The original base's own q4_k_m loss
 (its q4_k_m vs itself) is the moonshot line. Without --merged the adapter is merged first.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.quant_auto import Candidate, measure  # noqa: E402
+from exporter.export.quant_auto import Candidate, measure  # noqa: E402
 from formats.gguf.quantize import Recipe  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def intermediate(hf_dir: Path, work: Path, stem: str) -> Path:
 
 
 def candidates(imx, sweep: bool) -> list[Candidate]:
-    from exporter.quant_recipes import SENSITIVITY_CLASSES, lorax_recipes
+    from exporter.export.quant_recipes import SENSITIVITY_CLASSES, lorax_recipes
 
     out = [Candidate("q4_k_m"), Candidate("q4_k_s"), Candidate("q5_k_s"), Candidate("q5_k_m"),
            Candidate("iq4_xs"), Candidate("q3_k_m")]
@@ -74,7 +74,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from exporter.calibration import calibration_sequences
+    from exporter.export.calibration import calibration_sequences
     from exporter.gate.samples import build, load_rows
     from formats.gguf.imatrix import collect_imatrix
 

@@ -1,4 +1,4 @@
-"""dist/README.md (exporter.card): a model card generated from report.json. Its front matter parses, its
+"""dist/README.md (exporter.export.card): a model card generated from report.json. Its front matter parses, its
 table carries report.json's numbers, and the run instructions work as printed (run from inside dist/)."""
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def test_every_offered_type_has_a_row_with_its_basis():
     from formats.gguf.writer import DIRECT_TYPES
 
     gguf = registry.offered("gguf")
-    # "auto" is not a type: it ships one of the offered types (exporter.quant_recipes.auto_pool), gated by its row
+    # "auto" is not a type: it ships one of the offered types (exporter.export.quant_recipes.auto_pool), gated by its row
     assert set(export_cmd.QUANTS.choices) == set(gguf) | {"auto"}
     assert set(gguf) <= set(DIRECT_TYPES) | set(LIBLLAMA_TYPES)  # each has a writer
     assert set(export_cmd.ONNX_QUANTS) == {"int8", "int4"}

@@ -14,7 +14,7 @@ from tiny_data import chat_records, write_jsonl
 
 from exporter.cli.main import main
 from exporter.errors import LoraxError
-from exporter.quant_auto import Candidate, Measured, choose, parse_size
+from exporter.export.quant_auto import Candidate, Measured, choose, parse_size
 from formats.gguf.imatrix import read_imatrix
 
 

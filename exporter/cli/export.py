@@ -61,10 +61,10 @@ def command(source, out_dir, gguf, quants, imatrix, calibration, imatrix_tokens,
     Killed during the gate? Run the same command again: DIR's lorax.json says the gate is pending and
     the rerun gates the files already built."""
     from exporter.errors import GateFailed, LoraxError
+    from exporter.export.pipeline import ExportOptions, export
+    from exporter.export.quant_auto import parse_size
     from exporter.gate.report import to_markdown
     from exporter.gate.thresholds import parse_overrides
-    from exporter.pipeline import ExportOptions, export
-    from exporter.quant_auto import parse_size
 
     try:
         overrides = parse_overrides(thresholds, None)

@@ -10,7 +10,7 @@
 
 The quantizer weighs each weight's rounding error by how large its input column runs on real data
 (llama.cpp PR 4861), so the matrix should come from text like the model will see: the fine-tune's own
-training rows, rendered as training rendered them (exporter.calibration). It is computed on the merged
+training rows, rendered as training rendered them (exporter.export.calibration). It is computed on the merged
 model in torch (the trained model, not a quantized copy) and keyed by GGUF tensor names through
 formats.gguf.arch.gguf_tensor_name. Input columns are not permuted by the writer (only q/k *rows* are),
 so a column statistic of the HF weight is the statistic of the GGUF weight.

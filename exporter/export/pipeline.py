@@ -9,14 +9,14 @@ Output layout:
                             base it was trained on (NF4-dequantized), gated together through llama.cpp
     dist/onnx/              ONNX decoder with KV cache (+ config/tokenizer files)
     dist/report.{json,md}   the gate's verdict on every artifact, kld.svg
-    dist/README.md          a Hugging Face model card generated from the report (exporter.card)
+    dist/README.md          a Hugging Face model card generated from the report (exporter.export.card)
     dist/lorax.json         what was built from what, with sha256 of every file
 
 Artifacts are built in a temp dir that becomes `dist/` only when all writers succeeded; the gate
 runs after that, so a failed gate leaves the files and the report for inspection (and exits 1).
 `dist/` is locked for the whole run, must not overlap any input, and until the gate ends its lorax.json
 says `"gate": {"status": "pending"}`: rerunning the same command after a kill finishes it
-(exporter.publish).
+(exporter.export.publish).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from exporter.card import write_card
 from exporter.errors import LoraxError
-from exporter.publish import export_inputs, pending, pending_gate, request_of, write_json_atomic
+from exporter.export.card import write_card
+from exporter.export.publish import export_inputs, pending, pending_gate, request_of, write_json_atomic
 from formats.fsutil import atomic_dir
 from lorax_common.hashing import sha256_file
 from lorax_common.outputs import OutputLock, output_lock, refuse_overlap
@@ -55,7 +55,7 @@ class ExportOptions:
     overrides: dict = field(default_factory=dict)
     floor: str = "auto"
     force: bool = False
-    imatrix: str = "auto"  # auto | off | a GGUF imatrix file (exporter.gguf_build)
+    imatrix: str = "auto"  # auto | off | a GGUF imatrix file (exporter.export.gguf_build)
     calibration: str | None = None
     imatrix_tokens: int = 32768
     tensor_types: tuple[str, ...] = ()  # PATTERN=TYPE, as llama-quantize --tensor-type
@@ -147,7 +147,7 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
         else:
             raise LoraxError(f"{source}: neither an adapter dir (adapter_config.json) nor an HF model dir")
         if opts.gguf:
-            from exporter.gguf_build import build_gguf, recipe_record
+            from exporter.export.gguf_build import build_gguf, recipe_record
 
             built = build_gguf(source, merged_tmp, tmp, opts)
             result = built.result
@@ -181,9 +181,9 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
 
 def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions):
     """Gate the published artifacts; the LoRA GGUF is measured on the base-as-trained GGUF it ships with."""
+    from exporter.export.gguf_build import recipes_from_record
     from exporter.gate.check import GateOptions, check
     from exporter.gate.targets import open_target
-    from exporter.gguf_build import recipes_from_record
 
     record = json.loads((out_dir / "lorax.json").read_text())
     kinds = {a["path"]: a["kind"] for a in record.get("artifacts", [])}

@@ -51,7 +51,7 @@ def importance_matrix(source: Path, merged: Path, opts, needed: bool) -> Imatrix
         return read_imatrix(opts.imatrix)
     from transformers import AutoTokenizer
 
-    from exporter.calibration import calibration_sequences
+    from exporter.export.calibration import calibration_sequences
 
     try:
         cal = calibration_sequences(source, AutoTokenizer.from_pretrained(merged), opts.calibration)
@@ -62,7 +62,7 @@ def importance_matrix(source: Path, merged: Path, opts, needed: bool) -> Imatrix
 
 
 def recipes_for(quants: tuple[str, ...], imx: Imatrix | None, opts) -> dict[str, Recipe]:
-    from exporter.quant_recipes import default_recipe
+    from exporter.export.quant_recipes import default_recipe
 
     user = user_recipe(opts)
     out = {}
@@ -106,7 +106,7 @@ def recipes_from_record(record: dict, out_dir: Path) -> dict[str, Recipe]:
 
 def build_gguf(source: Path, merged: Path, tmp: Path, opts) -> GGUFBuild:
     """Every GGUF of the export into `tmp` (the staging dist)."""
-    from exporter.quant_recipes import wants_imatrix
+    from exporter.export.quant_recipes import wants_imatrix
     from formats.gguf.export import export_gguf
 
     auto = "auto" in opts.quants
@@ -137,10 +137,10 @@ def choose_auto(source: Path, merged: Path, tmp: Path, imx: Imatrix | None, opts
 
     from transformers import AutoTokenizer
 
-    from exporter import quant_auto
+    from exporter.export import quant_auto
+    from exporter.export.quant_recipes import auto_pool
     from exporter.gate.evaluate import run_reference
     from exporter.gate.samples import build, load_rows
-    from exporter.quant_recipes import auto_pool
     from formats.gguf.export import export_gguf
     from formats.gguf.writer import source_type
     from formats.hf.runner import HFRunner

@@ -38,7 +38,7 @@ def wants_imatrix(quants: tuple[str, ...] | list[str]) -> bool:
 
 def lorax_recipes(imx: Imatrix) -> list:
     """The `--quant auto` pool besides plain types: every offered lossy type with the matrix."""
-    from exporter.quant_auto import Candidate
+    from exporter.export.quant_auto import Candidate
 
     return [Candidate(q, Recipe(imatrix=imx, tensor_types=OVERRIDES.get(q, ())), "imatrix")
             for q in ("q4_k_m", "q4_k_s", "q5_k_s", "q5_k_m", "q3_k_m", "iq4_xs", "iq3_m", "iq3_xxs", "q6_k")]
@@ -52,8 +52,8 @@ def auto_pool(imx: Imatrix | None, user: Recipe | None = None) -> list:
     """Candidates of `--quant auto`: each offered type plain and, with a matrix, with it (user overrides on all)."""
     from dataclasses import replace
 
+    from exporter.export.quant_auto import Candidate
     from exporter.gate.registry import offered
-    from exporter.quant_auto import Candidate
 
     user = user or Recipe()
     offered_types = set(offered("gguf"))
