@@ -65,6 +65,7 @@ def command(source, out_dir, gguf, quants, imatrix, calibration, imatrix_tokens,
     from exporter.export.quant_auto import parse_size
     from exporter.gate.report import to_markdown
     from exporter.gate.thresholds import parse_overrides
+    from lorax_common.timing import summary_line
 
     try:
         overrides = parse_overrides(thresholds, None)
@@ -82,5 +83,6 @@ def command(source, out_dir, gguf, quants, imatrix, calibration, imatrix_tokens,
     click.echo(f"wrote {out_dir}")
     if report is not None:
         click.echo(to_markdown(report))
+        click.echo(f"time: {summary_line(report.timing)}")  # every stage, the gate's rows included
         if not report.passed:
             raise GateFailed(f"parity gate failed; see {out_dir}/report.md")

@@ -104,19 +104,21 @@ def recipes_from_record(record: dict, out_dir: Path) -> dict[str, Recipe]:
     return out
 
 
-def build_gguf(source: Path, merged: Path, tmp: Path, opts) -> GGUFBuild:
-    """Every GGUF of the export into `tmp` (the staging dist)."""
+def build_gguf(source: Path, merged: Path, tmp: Path, opts, clock) -> GGUFBuild:
+    """Every GGUF of the export into `tmp` (the staging dist); stage times into `clock` (a Stopwatch)."""
     from exporter.export.quant_recipes import wants_imatrix
     from formats.gguf.export import export_gguf
 
     auto = "auto" in opts.quants
     quants = tuple(q for q in opts.quants if q != "auto")
     needed = auto or opts.imatrix != "auto" or wants_imatrix(quants)
-    imx = importance_matrix(source, merged, opts, needed)
+    with clock("imatrix"):
+        imx = importance_matrix(source, merged, opts, needed)
     record: dict = {}
     report_md = None
     if auto:
-        chosen, report_md, rows = choose_auto(source, merged, tmp, imx, opts)
+        with clock("quant auto"):
+            chosen, report_md, rows = choose_auto(source, merged, tmp, imx, opts)
         quants = tuple(dict.fromkeys([*quants, chosen.candidate.qtype]))
         recipes = recipes_for(quants, imx, opts)
         recipes[chosen.candidate.qtype] = chosen.candidate.recipe
@@ -126,7 +128,8 @@ def build_gguf(source: Path, merged: Path, tmp: Path, opts) -> GGUFBuild:
         recipes = recipes_for(quants, imx, opts)
     if any(r.imatrix is not None for r in recipes.values()):
         write_imatrix(imx, tmp / IMATRIX_FILE)
-    result = export_gguf(merged, tmp, quants, adapter_dir=source if opts.gguf_adapter else None, recipes=recipes)
+    with clock("gguf " + " ".join(quants)):
+        result = export_gguf(merged, tmp, quants, adapter_dir=source if opts.gguf_adapter else None, recipes=recipes)
     return GGUFBuild(result, recipes, record, report_md)
 
 

@@ -32,6 +32,7 @@ from exporter.export.publish import export_inputs, pending, pending_gate, reques
 from formats.fsutil import atomic_dir
 from lorax_common.hashing import sha256_file
 from lorax_common.outputs import OutputLock, output_lock, refuse_overlap
+from lorax_common.timing import Stopwatch
 from lorax_common.versions import LORAX_VERSION
 
 
@@ -120,17 +121,19 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
     source, out_dir = Path(source), Path(out_dir)
     opts = validate(source, opts)
     refuse_overlap(out_dir, export_inputs(source, opts))  # with or without --force
+    clock = Stopwatch()
     with output_lock(out_dir) as lock:  # for the whole run: a second export to the same --out fails at once
         artifacts = pending_gate(out_dir, source, opts)  # a killed run's build whose gate never ran
         if artifacts is None:
-            artifacts = build(source, out_dir, opts, lock)
+            artifacts = build(source, out_dir, opts, lock, clock)
         if not opts.check:
             return None
-        return gate(source, out_dir, artifacts, opts)
+        return gate(source, out_dir, artifacts, opts, clock)
 
 
-def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) -> list[Path]:
-    """Every writer into a staging dir that becomes out_dir whole; returns the artifacts to gate."""
+def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock, clock: Stopwatch) -> list[Path]:
+    """Every writer into a staging dir that becomes out_dir whole; returns the artifacts to gate.
+    Each stage's time goes to `clock` (and lorax.json's "timing")."""
     artifacts: list[Path] = []
     record: dict = {"kind": "export", "lorax_version": LORAX_VERSION, "source": str(source.resolve()),
                     "created": datetime.now(UTC).isoformat(timespec="seconds"), "artifacts": []}
@@ -138,8 +141,9 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
         if is_adapter(source):
             from exporter.merge.plan import merge_adapter
 
-            merge_adapter(source, tmp / "merged", merge_base=opts.merge_base, dtype=opts.dtype,
-                          trained_on=opts.trained_on, double_quant=opts.double_quant, base_dir=opts.base)
+            with clock("merge"):
+                merge_adapter(source, tmp / "merged", merge_base=opts.merge_base, dtype=opts.dtype,
+                              trained_on=opts.trained_on, double_quant=opts.double_quant, base_dir=opts.base)
             merged_tmp, merged_final = tmp / "merged", out_dir / "merged"
             artifacts.append(merged_final)
         elif (source / "config.json").is_file():
@@ -149,12 +153,13 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
         if opts.gguf:
             from exporter.export.gguf_build import build_gguf, recipe_record
 
-            built = build_gguf(source, merged_tmp, tmp, opts)
+            built = build_gguf(source, merged_tmp, tmp, opts, clock)
             result = built.result
             record.update(built.record)
             files = [(f.kind, f.type, f.path, f.sha256) for f in result]
             if opts.gguf_adapter:
-                base_gguf = write_base_as_trained(source, tmp, opts)
+                with clock("gguf base-as-trained"):
+                    base_gguf = write_base_as_trained(source, tmp, opts)
                 files.append(("base", base_gguf.stem.rsplit("-", 1)[1], base_gguf, sha256_file(base_gguf)))
             for kind, qtype, path, digest in files:
                 record["artifacts"].append({"format": "gguf", "kind": kind, "type": qtype, "path": path.name,
@@ -168,18 +173,20 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock) ->
             from formats.onnx.bundle import graph_path, variants_in
             from formats.onnx.export import export_onnx
 
-            export_onnx(merged_tmp, tmp / "onnx", dtype=opts.onnx_dtype, quant=opts.onnx_quant)
+            with clock("onnx"):
+                export_onnx(merged_tmp, tmp / "onnx", dtype=opts.onnx_dtype, quant=opts.onnx_quant)
             # every graph shipped is gated (an int4 export also holds the float32 graph it came from)
             artifacts += [graph_path(out_dir / "onnx", v) for v in variants_in(tmp / "onnx")]
         for p in sorted(tmp.rglob("*")):
             if p.is_file() and p.suffix != ".gguf" and p.name != "lorax.json":
                 record.setdefault("files", {})[str(p.relative_to(tmp))] = sha256_file(p)
-        record.update(request=request_of(source, opts), gate=pending(artifacts, out_dir, opts.check))
+        record.update(request=request_of(source, opts), gate=pending(artifacts, out_dir, opts.check),
+                      timing=dict(clock.seconds))
         (tmp / "lorax.json").write_text(json.dumps(record, indent=2) + "\n")
     return artifacts
 
 
-def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions):
+def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions, clock: Stopwatch | None = None):
     """Gate the published artifacts; the LoRA GGUF is measured on the base-as-trained GGUF it ships with."""
     from exporter.export.gguf_build import recipes_from_record
     from exporter.gate.check import GateOptions, check
@@ -193,7 +200,7 @@ def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions
     gopts = GateOptions(base=opts.base, trained_on=opts.trained_on, double_quant=opts.double_quant,
                         prompts=opts.prompts, report_dir=out_dir, gen_tokens=opts.gen_tokens,
                         max_samples=opts.max_samples, overrides=opts.overrides, floor=opts.floor, lora=lora,
-                        merged_dir=merged, recipes=recipes_from_record(record, out_dir))
+                        merged_dir=merged, recipes=recipes_from_record(record, out_dir), clock=clock)
     report = check(source, targets, gopts)
     if (out_dir / "quant.md").is_file():  # --quant auto: every candidate measured, below the gate's verdict
         with open(out_dir / "report.md", "a") as fh:

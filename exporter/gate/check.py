@@ -18,6 +18,7 @@ from exporter.gate.registry import lookup
 from exporter.gate.report import write_report
 from exporter.gate.samples import build, load_rows
 from exporter.gate.targets import Target, open_target
+from lorax_common.timing import Stopwatch
 
 
 @dataclass
@@ -36,6 +37,7 @@ class GateOptions:
     lora: str | Path | None = None  # a LoRA GGUF applied to every GGUF artifact (llama.cpp --lora)
     merged_dir: Path | None = None  # the merged weights the artifacts came from (the pipeline knows them)
     recipes: dict = field(default_factory=dict)  # GGUF type -> Recipe the target was quantized with (the floor too)
+    clock: Stopwatch | None = None  # the caller's stage timing (the export's build); the gate's stages join it
 
     def merge_kw(self) -> dict:
         return {"trained_on": self.trained_on, "double_quant": self.double_quant, "base_dir": self.base}
@@ -115,6 +117,9 @@ def check(source: str | Path, artifacts: list, opts: GateOptions | None = None) 
                           probe)
     finally:
         probe.close()
+    if opts.clock is not None:  # one timeline: the export's build stages, then the gate's
+        opts.clock.add(report.timing["stages"])
+        report.timing = opts.clock.as_dict()
     if opts.report_dir is not None:
         write_report(report, opts.report_dir)
     return report

@@ -56,6 +56,8 @@ class Report:
     targets: list[TargetResult]
     reference_task_accuracy: float | None = None
     versions: dict = field(default_factory=dict)
+    reference_path: dict = field(default_factory=dict)  # how the reference computed (exporter.gate.fast_reference)
+    timing: dict = field(default_factory=dict)  # lorax_common.timing.Stopwatch.as_dict(): stages, total, peak RSS
 
     def as_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "targets"}
@@ -76,12 +78,31 @@ def gen_budget(sample: Sample, tokenizer, gen_tokens: int) -> int:
     return max(gen_tokens, len(tokenizer(sample.answer, add_special_tokens=False)["input_ids"]) + 2)
 
 
-def run_reference(ref, samples: list[Sample], tokenizer, gen_tokens: int) -> RefOutputs:
-    logits, gens = [], []
-    for s in tqdm(samples, desc=f"reference {ref.name}", leave=False):
-        logits.append(ref.logits(s.ids))
-        gens.append(ref.generate(s.prompt_ids, gen_budget(s, tokenizer, gen_tokens)))
+def run_outputs(runner, samples: list[Sample], tokenizer, gen_tokens: int, desc: str) -> RefOutputs:
+    """Teacher-forced logits and greedy generations of every sample, in batches the runner computes together
+    (formats.runner.plan_batches: similar lengths grouped, padded logits within a share of free memory)."""
+    from formats.runner import batch_budget, plan_batches
+
+    budgets = [gen_budget(s, tokenizer, gen_tokens) for s in samples]
+    vocab = max(len(tokenizer), 1)
+    logits: list = [None] * len(samples)
+    gens: list = [None] * len(samples)
+    with tqdm(total=2 * len(samples), desc=desc, leave=False, unit="row") as bar:
+        for group in plan_batches([len(s.ids) for s in samples], vocab, batch_budget()):
+            for i, lg in zip(group, runner.logits_batch([samples[i].ids for i in group]), strict=True):
+                logits[i] = lg
+            bar.update(len(group))
+        width = max(budgets)
+        for group in plan_batches([len(s.prompt_ids) + width for s in samples], vocab, batch_budget()):
+            n = max(budgets[i] for i in group)
+            for i, g in zip(group, runner.generate_batch([samples[i].prompt_ids for i in group], n), strict=True):
+                gens[i] = g[:budgets[i]]
+            bar.update(len(group))
     return RefOutputs(logits, gens)
+
+
+def run_reference(ref, samples: list[Sample], tokenizer, gen_tokens: int) -> RefOutputs:
+    return run_outputs(ref, samples, tokenizer, gen_tokens, f"reference {ref.name}")
 
 
 def answer_correct(gen: list[int], answer: str, tokenizer) -> bool:
@@ -108,11 +129,8 @@ def run_target(target: Target, samples: list[Sample], tokenizer, gen_tokens: int
     runner = target.open()
     try:
         mismatch = tokenizer_mismatch(runner, samples)
-        logits, gens = [], []
-        for s in tqdm(samples, desc=target.name, leave=False):
-            logits.append(runner.logits(s.ids))
-            gens.append(runner.generate(s.prompt_ids, gen_budget(s, tokenizer, gen_tokens)))
-        return mismatch, logits, gens
+        out = run_outputs(runner, samples, tokenizer, gen_tokens, target.name)
+        return mismatch, out.logits, out.generations
     finally:
         runner.close()
 
@@ -128,11 +146,12 @@ def evaluate_target(target: Target, samples: list[Sample], ref: RefOutputs, toke
     """One target's row. Anything that stops it from being measured (it does not load, it crashes in its
     runtime) is a failed row carrying the error, so the other targets are still measured and reported."""
     try:
-        return _evaluate(target, samples, ref, tokenizer, gen_tokens, ref_accuracy, overrides, floor)
+        row = _evaluate(target, samples, ref, tokenizer, gen_tokens, ref_accuracy, overrides, floor)
     except Exception as e:  # noqa: BLE001 - an artifact that cannot run is a failed artifact, not a crash
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return _result(target, {}, limits_for(target.format, target.dtype, overrides),
-                       [f"could not be measured: {type(e).__name__}: {msg}"])
+        row = _result(target, {}, limits_for(target.format, target.dtype, overrides),
+                      [f"could not be measured: {type(e).__name__}: {msg}"])
+    return row
 
 
 def _evaluate(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer, gen_tokens: int,
@@ -178,13 +197,20 @@ def _evaluate(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer,
 def run_gate(ref, reference_name: str, targets: list[Target], samples: list[Sample], tokenizer,
              prompts_source: str, gen_tokens: int = 16, overrides: dict | None = None, floor=None) -> Report:
     """Reference outputs once, then each target loaded, measured and closed in turn."""
+    from exporter.gate.fast_reference import dequantize_once
+    from lorax_common.timing import Stopwatch
     from lorax_common.versions import package_versions
 
-    ref_out = run_reference(ref, samples, tokenizer, gen_tokens)
-    ref.close()  # only its outputs are needed from here on: peak memory is one loaded model at a time
+    clock = Stopwatch()
+    with clock("reference"):
+        path = dequantize_once(ref, samples[0].ids)
+        ref_out = run_reference(ref, samples, tokenizer, gen_tokens)
+        ref.close()  # only its outputs are needed from here on: peak memory is one loaded model at a time
     ref_acc = task_accuracy(ref_out.generations, samples, tokenizer)
-    results = [evaluate_target(t, samples, ref_out, tokenizer, gen_tokens, ref_acc, overrides, floor)
-               for t in tqdm(targets, desc="gate", unit="target")]
+    results = []
+    for t in tqdm(targets, desc="gate", unit="target"):
+        with clock(t.name):
+            results.append(evaluate_target(t, samples, ref_out, tokenizer, gen_tokens, ref_acc, overrides, floor))
     return Report(
         passed=all(r.passed for r in results if r.gated),
         reference=reference_name,
@@ -195,4 +221,6 @@ def run_gate(ref, reference_name: str, targets: list[Target], samples: list[Samp
         targets=results,
         reference_task_accuracy=ref_acc,
         versions=package_versions(),
+        reference_path=path,
+        timing=clock.as_dict(),
     )

@@ -72,6 +72,17 @@ def to_markdown(report: Report) -> str:
     if untested:
         lines += ["", "Limits not applied (too few positions for a tail statistic):", ""]
         lines += [f"- {name}: {u}" for name, u in untested]
+    path = report.reference_path
+    if path.get("dequantized_once"):
+        lines += ["", f"Reference path: the 4-bit base's {path['dequantized_once']} layers dequantized once "
+                  f"({path['memory_mib']} MiB); on a {path['verified_tokens']}-token sample its logits equal "
+                  f"bitsandbytes' own path bit for bit (max |Δlogit| {path['max_abs_logit_delta']:g})."]
+    elif path.get("reason"):
+        lines += ["", f"Reference path: bitsandbytes' 4-bit layers ({path['reason']})."]
+    if report.timing.get("stages"):
+        from lorax_common.timing import summary_line
+
+        lines += ["", f"Time: {summary_line(report.timing)}"]
     lines += ["", "Thresholds in parentheses; KLD = Σ p_ref·(log p_ref − log p_target) per position.",
               "![per-position KLD](kld.svg)", ""]
     return "\n".join(lines)

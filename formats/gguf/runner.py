@@ -93,6 +93,17 @@ class GGUFRunner:
 
         return greedy_loop(step, ids, n, self.stop)
 
+    def logits_batch(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """One prefill per row: llama.cpp already runs a row's tokens as one batch (n_batch 512), and the
+        logits of every position have to be copied out row by row anyway."""
+        return [self.logits(r) for r in rows]
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+        """Greedy decoding of every prompt at once, one llama.cpp sequence id per prompt (formats.gguf.batch)."""
+        from formats.gguf.batch import generate_many
+
+        return generate_many(self.llm, [list(p) for p in prompts], n, self.stop)
+
     def close(self) -> None:
         """Free the model now (llama-cpp-python's finalizer fails if it only runs at interpreter exit)."""
         if getattr(self, "llm", None) is not None:

@@ -67,20 +67,48 @@ class HFRunner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def generate_batch(self, prompts: Sequence[Sequence[int]], n: int, batch_size: int = 16) -> list[list[int]]:
-        """Greedy continuations of many prompts at once (left-padded); each cut after its first stop token."""
+    def logits_batch(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Teacher-forced logits of several rows in one right-padded forward: under the causal mask a real
+        token never sees the padding after it, so positions and attention are those of the unpadded row."""
         torch = self._torch
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stop)
-        outs: list[list[int]] = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = [list(p) for p in prompts[i:i + batch_size]]
-            width = max(map(len, chunk))
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        rows = [list(r) for r in rows]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [self._pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask)
+        return [out.logits[i, :len(r)].float().numpy() for i, r in enumerate(rows)]
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+        """Greedy continuations of several prompts decoded together: left-padded, position ids counted over
+        real tokens (a padded row starts at 0 like an unpadded one), one KV cache. Plain argmax, as `generate`:
+        no logits processor from the model's generation_config (repetition penalty, ...) takes part."""
+        from formats.runner import greedy_batch
+
+        torch = self._torch
+        prompts = [list(p) for p in prompts]
+        width = max(map(len, prompts))
+        state = {"mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts]), "cache": None}
+
+        def step(toks) -> np.ndarray:
+            if toks is None:
+                ids = torch.tensor([[self._pad] * (width - len(p)) + p for p in prompts])
+            else:
+                ids = torch.as_tensor(toks).reshape(-1, 1)
+                state["mask"] = torch.cat([state["mask"], torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
+            mask = state["mask"]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
             with torch.inference_mode():
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                          pad_token_id=pad, eos_token_id=sorted(self.stop))
-            for row in gen[:, width:].tolist():
-                cut = next((j + 1 for j, t in enumerate(row) if t in self.stop), len(row))
-                outs.append(row[:cut])
-        return outs
+                # logits_to_keep=1: the prompt's other positions need no vocabulary projection
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=state["cache"],
+                                 use_cache=True, logits_to_keep=1)
+            state["cache"] = out.cache
+            return out.logits[:, -1].float().numpy()
+
+        return greedy_batch(step, n, len(prompts), self.stop)
+
+    @property
+    def _pad(self) -> int:
+        """Any real id works (the mask hides it); the tokenizer's pad token when it has one."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else min(self.stop or {0})

@@ -25,7 +25,7 @@ import numpy as np
 from formats.errors import FormatError
 from formats.onnx import layout
 from formats.onnx.bundle import resolve_graph
-from formats.runner import greedy_loop
+from formats.runner import greedy_batch, greedy_loop
 
 # provider -> the OrtValue device name its outputs live on; first available wins.
 PROVIDERS: dict[str, str] = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
@@ -122,20 +122,17 @@ class ONNXRunner:
     def generate_batch(self, rows: Sequence[Sequence[int]], n: int) -> list[list[int]]:
         """Greedy `n` tokens for each left-padded row, decoding all rows together through the cache."""
         ids, mask = self._left_pad(rows)
-        logits, cache = self._forward(ids, mask, self._empty_cache(len(rows)))
-        out: list[list[int]] = [[] for _ in rows]
-        done = [False] * len(rows)
-        for _ in range(n):
-            toks = logits[:, -1].argmax(-1)
-            for i, t in enumerate(toks):
-                if not done[i]:
-                    out[i].append(int(t))
-                    done[i] = int(t) in self.stop
-            if all(done):
-                break
-            mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
-            logits, cache = self._forward(toks[:, None].astype(np.int64), mask, cache)
-        return out
+        state = {"mask": mask, "cache": self._empty_cache(len(rows))}
+
+        def step(toks) -> np.ndarray:
+            x = ids
+            if toks is not None:
+                x = np.asarray(toks, dtype=np.int64).reshape(-1, 1)
+                state["mask"] = np.concatenate([state["mask"], np.ones((len(rows), 1), np.int64)], axis=1)
+            logits, state["cache"] = self._forward(x, state["mask"], state["cache"])
+            return logits[:, -1]
+
+        return greedy_batch(step, n, len(rows), self.stop)
 
     def measure_decode(self, ids: Sequence[int], n: int) -> DecodeSpeed:
         """Prefill `ids`, then greedily decode `n` tokens through the cache (no early stop)."""

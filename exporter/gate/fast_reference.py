@@ -1,0 +1,85 @@
+"""The reference at speed: the 4-bit base dequantized once, kept only where it is proven bit-identical.
+
+    lorax check adapter/ dist/model-q4_k_m.gguf      # report.json: "reference_path": {"dequantized_once": 210, ...}
+
+bitsandbytes' CPU Linear4bit (layout pinned by lorax_common.base_as_trained.pin_4bit_layout) computes every
+forward as linear(x, dequantize_4bit(W) in the compute dtype, bias): each generated token pays a
+dequantization of the whole base. Dequantizing each weight once into a plain layer of the compute dtype is
+the same arithmetic on the same values; `dequantize_once` swaps the layers, runs one gate sample both ways
+and keeps the swap only when the logits are bit-identical (else it restores bitsandbytes' layers and says
+why). The report records which path the reference took and the measured difference, so the invariant (the
+reference is the base as training computed with it) is measured on every run, not assumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# The dequantized weights may take at most this share of the memory free when the gate starts.
+MEMORY_SHARE = 0.5
+
+
+def _plain(layer):
+    """A torch module equal to `layer` (a bnb Linear4bit) with its weight dequantized once."""
+    import bitsandbytes.functional as bnbF
+    import torch
+
+    compute = layer.compute_dtype or torch.float32
+    weight = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(compute)
+    bias = None if layer.bias is None else layer.bias.data.to(compute)
+
+    class _Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(weight, requires_grad=False)
+            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+            self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+        def forward(self, x, *args, **kwargs):
+            return torch.nn.functional.linear(x.to(compute), self.weight, self.bias).to(x.dtype)
+
+    return _Linear()
+
+
+def _linear4bit_slots(model) -> list[tuple[object, str, object]]:
+    """(parent, attribute, layer) of every bitsandbytes Linear4bit in the model."""
+    import bitsandbytes as bnb
+
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, bnb.nn.Linear4bit)]
+
+
+def dequantized_bytes(slots) -> int:
+    import torch
+
+    return sum(layer.weight.quant_state.shape.numel() * torch.finfo(layer.compute_dtype or torch.float32).bits // 8
+               for _, _, layer in slots)
+
+
+def dequantize_once(runner, ids: Sequence[int]) -> dict:
+    """Swap `runner.model`'s 4-bit layers for dequantized ones when memory allows and `ids`' logits come out
+    bit-identical; returns what was done, for the report."""
+    import psutil
+
+    model = getattr(runner, "model", None)
+    slots = _linear4bit_slots(model) if model is not None else []
+    if not slots:
+        return {"path": "as loaded", "dequantized_once": 0}
+    need, free = dequantized_bytes(slots), psutil.virtual_memory().available
+    if need > MEMORY_SHARE * free:
+        return {"path": "bitsandbytes", "dequantized_once": 0,
+                "reason": f"dequantized weights {need / 2**20:.0f} MiB > {MEMORY_SHARE:.0%} of free memory"}
+    before = runner.logits(ids)
+    for parent, name, layer in slots:
+        setattr(parent, name, _plain(layer))
+    after = runner.logits(ids)
+    delta = float(np.abs(before.astype(np.float64) - after.astype(np.float64)).max())
+    if delta != 0.0:  # not the same arithmetic after all: the reference stays bitsandbytes' own
+        for parent, name, layer in slots:
+            setattr(parent, name, layer)
+        return {"path": "bitsandbytes", "dequantized_once": 0, "max_abs_logit_delta": delta,
+                "reason": "the dequantized layers' logits differ from bitsandbytes' on the probe sample"}
+    return {"path": "dequantized once", "dequantized_once": len(slots), "verified_tokens": len(ids),
+            "max_abs_logit_delta": delta, "memory_mib": round(need / 2**20)}

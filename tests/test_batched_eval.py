@@ -1,0 +1,157 @@
+"""The gate's batched evaluation: every runner's batch methods return what its one-row methods do, batches are
+planned within the memory budget, and the 4-bit reference's dequantize-once path is bit-identical or refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from formats.runner import plan_batches
+
+ROW_LENGTHS = (5, 17, 9, 30, 2, 40, 11)
+
+
+def rows(vocab: int = 500) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [list(map(int, rng.integers(3, vocab, size=n))) for n in ROW_LENGTHS]
+
+
+def test_plan_batches_covers_every_row_once_within_budget():
+    lengths = [40, 3, 17, 17, 90, 5, 64, 8, 8, 1]
+    vocab, budget = 1000, 200_000
+    batches = plan_batches(lengths, vocab, budget, max_rows=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3
+        # a batch of more than one row fits the budget with every row padded to the widest
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) * vocab * 4 <= budget
+    widths = [max(lengths[i] for i in b) for b in batches]
+    assert widths == sorted(widths)  # similar lengths together: little padding
+
+
+def test_plan_batches_gives_an_oversized_row_its_own_batch():
+    assert plan_batches([10, 5000, 12], vocab=1000, budget_bytes=1000) == [[0], [2], [1]]
+
+
+def _stop_after(runner, prompts, k: int) -> None:
+    """Make the k-th greedy token of the first prompt a stop token, so rows end at different steps."""
+    runner.stop = set(runner.stop) | {runner.generate(prompts[0], k + 1)[k]}
+
+
+def assert_batch_equals_single(runner, prompts, atol: float) -> float:
+    single = [runner.logits(r) for r in prompts]
+    batch = runner.logits_batch(prompts)
+    worst = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(single, batch, strict=True))
+    assert [b.shape for b in batch] == [a.shape for a in single]
+    assert worst <= atol, worst
+    _stop_after(runner, prompts, 3)
+    assert runner.generate_batch(prompts, 20) == [runner.generate(r, 20) for r in prompts]
+    return worst
+
+
+def test_hf_runner_batches_match_one_row_at_a_time(tiny_model_dir):
+    from formats.hf.runner import HFRunner
+
+    worst = assert_batch_equals_single(HFRunner(tiny_model_dir), rows(), atol=1e-4)
+    assert worst < 1e-4  # measured 5.7e-6: GEMM blocking of a wider batch, nothing else
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_gguf_runner_batches_match_one_row_at_a_time(tiny_model_dir, tmp_path, qtype):
+    from formats.gguf.export import export_gguf
+    from formats.gguf.runner import GGUFRunner
+
+    (f,) = export_gguf(tiny_model_dir, tmp_path, [qtype])
+    with GGUFRunner(f.path, n_threads=1) as g:
+        assert_batch_equals_single(g, rows(), atol=0.0)  # one prefill per row: the same computation
+
+
+def test_gguf_batch_generation_applies_the_lora(tiny_model_dir, tmp_path):
+    """The batch context is a second llama.cpp context: the LoRA must be set on it too."""
+    from gguf_helpers import build_lora
+
+    from formats.gguf.adapter import write_lora_gguf
+    from formats.gguf.export import export_gguf
+    from formats.gguf.runner import GGUFRunner
+
+    build_lora(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged", seed=1)
+    (base,) = export_gguf(tiny_model_dir, tmp_path / "base", ["f32"])
+    lora = tmp_path / "lora.gguf"
+    write_lora_gguf(tmp_path / "adapter", tiny_model_dir, lora)
+    prompts = rows()
+    with GGUFRunner(base.path, n_threads=1) as plain:
+        without = plain.generate_batch(prompts, 12)
+    with GGUFRunner(base.path, lora_path=lora, n_threads=1) as g:
+        with_lora = g.generate_batch(prompts, 12)
+        assert with_lora == [g.generate(r, 12) for r in prompts]
+    assert with_lora != without
+
+
+def test_gate_metrics_do_not_depend_on_batching(nf4_adapter, tmp_path, monkeypatch):
+    """The whole gate, one row per batch vs the planned batches: same verdicts, metrics within 1e-6."""
+    import formats.runner
+    from exporter.gate.check import GateOptions, check
+    from exporter.merge.plan import merge_adapter
+
+    merged = tmp_path / "merged"
+    merge_adapter(nf4_adapter, merged)
+    batched = check(nf4_adapter, [merged], GateOptions(floor="off"))
+    monkeypatch.setattr(formats.runner, "batch_budget", lambda: 0)  # every batch is one row
+    single = check(nf4_adapter, [merged], GateOptions(floor="off"))
+    (a,), (b,) = batched.targets, single.targets
+    assert a.passed == b.passed
+    for k in ("kld_mean", "kld_p99", "top1", "ppl_ratio", "greedy_match"):
+        assert abs(a.metrics[k] - b.metrics[k]) <= 1e-6, (k, a.metrics[k], b.metrics[k])
+
+
+def _nf4_reference(adapter):
+    from exporter.gate.reference import read_adapter, reference_runner
+    from exporter.gate.samples import build, load_rows
+
+    ref = reference_runner(read_adapter(adapter))
+    samples = build(load_rows(None, adapter)[0], ref.tokenizer)
+    return ref, samples
+
+
+def test_dequantize_once_is_bit_identical_to_bitsandbytes(nf4_adapter):
+    from exporter.gate.fast_reference import dequantize_once
+
+    ref, samples = _nf4_reference(nf4_adapter)
+    before = [ref.logits(s.ids) for s in samples]
+    gens = [ref.generate(s.prompt_ids, 12) for s in samples]
+    path = dequantize_once(ref, samples[0].ids)
+    assert path["path"] == "dequantized once" and path["dequantized_once"] > 0
+    assert path["max_abs_logit_delta"] == 0.0
+    # every sample, not only the probe: the same bits
+    for s, b in zip(samples, before, strict=True):
+        assert np.array_equal(ref.logits(s.ids), b)
+    assert [ref.generate(s.prompt_ids, 12) for s in samples] == gens
+
+
+def test_dequantize_once_restores_bitsandbytes_when_the_logits_differ(nf4_adapter, monkeypatch):
+    """A dequantization that is off by one ulp-scale nudge is caught by the probe and undone."""
+    import exporter.gate.fast_reference as fr
+
+    ref, samples = _nf4_reference(nf4_adapter)
+    before = ref.logits(samples[1].ids)
+    plain = fr._plain
+
+    def nudged(layer):
+        m = plain(layer)
+        m.weight.data[0, 0] += 1e-3  # a planted dequantization fault
+        return m
+
+    monkeypatch.setattr(fr, "_plain", nudged)
+    path = fr.dequantize_once(ref, samples[0].ids)
+    assert path["path"] == "bitsandbytes" and path["max_abs_logit_delta"] > 0
+    assert np.array_equal(ref.logits(samples[1].ids), before)  # bitsandbytes' layers are back
+
+
+def test_dequantize_once_keeps_bitsandbytes_without_the_memory(nf4_adapter, monkeypatch):
+    import exporter.gate.fast_reference as fr
+
+    ref, samples = _nf4_reference(nf4_adapter)
+    monkeypatch.setattr(fr, "MEMORY_SHARE", 0.0)
+    path = fr.dequantize_once(ref, samples[0].ids)
+    assert path["path"] == "bitsandbytes" and "free memory" in path["reason"]
+    assert fr._linear4bit_slots(ref.model)  # untouched
