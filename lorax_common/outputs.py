@@ -19,15 +19,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lorax_common.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # errno -> what the user should do about it, for OSErrors raised while an output is written
 WRITE_ERRNOS: dict[int, str] = {
@@ -86,8 +88,8 @@ def sweep_staging(dest: Path) -> tuple[int, int]:
     for p in found:
         _remove(p)
     if found:
-        print(f"lorax: removed {len(found)} staging entr{'y' if len(found) == 1 else 'ies'} of {dest} left by an "
-              f"interrupted run ({size / 1e6:.1f} MB)", file=sys.stderr, flush=True)
+        log.warning("removed %d staging entr%s of %s left by an interrupted run (%.1f MB)", len(found),
+                    "y" if len(found) == 1 else "ies", dest, size / 1e6)
     return len(found), size
 
 

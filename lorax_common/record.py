@@ -24,6 +24,10 @@ FILE = "lorax.json"
 METHODS = ("bnb-4bit", "none")
 QUANT_TYPES = ("nf4", "fp4")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# what a base can have been trained on (the --trained-on choices for adapters without a record)
+TRAINED_ON = (*QUANT_TYPES, "none")
+# what the LoRA is folded into: the base as quantized in training, the original weights, or the closer one
+MERGE_BASES = ("auto", "quantized", "original")
 # keys that only mean something for a 4-bit base: a plain-LoRA record leaves them out
 QUANT_ONLY = ("quant_type", "blocksize", "double_quant", "quant_storage")
 

@@ -226,13 +226,13 @@ def quality(smollm2_dir: Path, peer: Path | None) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from gguf_helpers import ENGLISH, parity
 
-    from formats.gguf.export import export_gguf
+    from formats.gguf.export import GGUFOptions, export_gguf
     from formats.gguf.quantize import quantize_gguf
 
     types = ["f32", "q8_0", "q4_k_m"]
     print(f"\n== quality on SmolLM2, 512 tokens of English, vs transformers float32 ({', '.join(types)})")
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        ours = {f.type: f.path for f in export_gguf(smollm2_dir, Path(tmp) / "ours", types, progress=False)}
+        ours = {f.type: f.path for f in export_gguf(smollm2_dir, Path(tmp) / "ours", types, GGUFOptions(progress=False))}
         theirs: dict[str, Path] = {}
         if peer:
             pdir = Path(tmp) / "peer"

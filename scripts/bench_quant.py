@@ -23,26 +23,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from exporter.export.quant_auto import Candidate, measure  # noqa: E402
+from exporter.gate.evaluate import Yardstick  # noqa: E402
 from formats.gguf.quantize import Recipe  # noqa: E402
 
 
-def reference(model_dir: Path, samples, tokenizer, gen_tokens: int):
+def reference(model_dir: Path, yard: Yardstick):
     from exporter.gate.evaluate import run_reference
     from formats.hf.runner import HFRunner
 
     ref = HFRunner(model_dir, name=f"reference:{model_dir.name}")
     try:
-        return run_reference(ref, samples, tokenizer, gen_tokens)
+        return run_reference(ref, yard)
     finally:
         ref.close()
 
 
 def intermediate(hf_dir: Path, work: Path, stem: str) -> Path:
-    from formats.gguf.export import export_gguf
+    from formats.gguf.export import GGUFOptions, export_gguf
     from formats.gguf.writer import source_type
 
-    return export_gguf(hf_dir, work, [source_type(hf_dir)], stem=stem, check_tokenizer=False, progress=False,
-                       force=True).files[0].path
+    return export_gguf(hf_dir, work, [source_type(hf_dir)], GGUFOptions(stem=stem, check_tokenizer=False, progress=False,
+                       force=True)).files[0].path
 
 
 def candidates(imx, sweep: bool) -> list[Candidate]:
@@ -84,27 +85,26 @@ def main() -> int:
     if merged is None and (args.adapter.parent / "dist" / "merged" / "config.json").is_file():
         merged = args.adapter.parent / "dist" / "merged"
     if merged is None:
-        from exporter.merge.plan import merge_adapter
+        from exporter.merge.api import MergeOptions, merge_adapter
 
-        merged = merge_adapter(args.adapter, work / "merged", verify=False, progress=False)
+        merged = merge_adapter(args.adapter, work / "merged", MergeOptions(verify=False, progress=False))
     tok = AutoTokenizer.from_pretrained(merged)
     rows, where = load_rows(None, args.adapter)
     samples = build(rows, tok, max_samples=args.max_samples)
-    ref = reference(merged, samples, tok, args.gen_tokens)
+    yard = Yardstick(samples, tok, args.gen_tokens)
+    ref = reference(merged, yard)
     t_ref = time.perf_counter()
     cal = calibration_sequences(args.adapter, tok)
     imx = collect_imatrix(merged, cal.sequences, token_budget=args.imatrix_tokens, datasets=[cal.source])
     t_imx = time.perf_counter()
     inter = intermediate(merged, work, "merged")
-    rows_out = [m.row() for m in measure(candidates(imx, args.sweep), inter, work, ref.logits, ref.generations,
-                                         samples, tok, args.gen_tokens)]
+    rows_out = [m.row() for m in measure(candidates(imx, args.sweep), inter, work, yard, ref)]
     if not args.no_base:  # the moonshot: what q4_k_m costs the original base, measured against itself
         from exporter.gate.reference import read_adapter
 
         base = read_adapter(args.adapter).base_dir
-        bref = reference(base, samples, tok, args.gen_tokens)
-        for m in measure([Candidate("q4_k_m")], intermediate(base, work, "base"), work, bref.logits,
-                         bref.generations, samples, tok, args.gen_tokens):
+        bref = reference(base, yard)
+        for m in measure([Candidate("q4_k_m")], intermediate(base, work, "base"), work, yard, bref):
             rows_out.append({**m.row(), "name": "original base q4_k_m vs itself"})
     print(f"{len(samples)} held-out samples ({where}), {sum(len(s.ids) for s in samples)} tokens; reference "
           f"{t_ref - t0:.0f} s; imatrix {imx.tokens} tokens of {cal.rows} training rows in {t_imx - t_ref:.0f} s")

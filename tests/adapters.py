@@ -8,7 +8,9 @@ loaded as in training + the adapter), so tests compare against it without loadin
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 EVAL_EXAMPLES = [
     {"messages": [{"role": "user", "content": "Name a city."}, {"role": "assistant", "content": "Paris."}]},
@@ -27,33 +29,48 @@ def load_base(base_dir: Path, trained_on: str = "nf4", double_quant: bool = Fals
     return base_as_trained.load(base_dir, q, load_dtype)
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """The random adapter make_adapter saves (PEFT LoraConfig fields plus how it is initialised)."""
+
+    use_rslora: bool = False
+    r: int = 8
+    alpha: int = 16
+    target_modules: Any = "all-linear"
+    seed: int = 0
+    lorax_json: bool = True  # False: a plain PEFT dir (the reader must be told --trained-on)
+    load_dtype: str = "float32"
+    std: float = 0.1
+    peft_config: Any = None  # a full LoraConfig instead of the fields above
+    extra: dict = field(default_factory=dict)  # further LoraConfig keywords (lora_bias, modules_to_save, ...)
+
+
 def make_adapter(base_dir: Path, out_dir: Path, trained_on: str = "nf4", double_quant: bool = False,
-                 use_rslora: bool = False, r: int = 8, alpha: int = 16, target_modules="all-linear",
-                 seed: int = 0, lorax_json: bool = True, load_dtype: str = "float32", std: float = 0.1,
-                 peft_config=None, **lora_kw):
+                 spec: LoraSpec = LoraSpec()):
     """Save a random LoRA adapter for `base_dir` at `out_dir`; return the PEFT model (the reference)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    base = load_base(base_dir, trained_on, double_quant, load_dtype)
-    config = peft_config or LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
-                                       use_rslora=use_rslora, init_lora_weights=False, **lora_kw)
+    base = load_base(base_dir, trained_on, double_quant, spec.load_dtype)
+    config = spec.peft_config or LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=spec.target_modules,
+                                            lora_dropout=0.0, use_rslora=spec.use_rslora, init_lora_weights=False,
+                                            **spec.extra)
     model = get_peft_model(base, config)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(spec.seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             # Trainable adapter weights (LoRA, LoRA biases, modules_to_save copies): random, non-zero.
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * spec.std
                         + (p if "modules_to_save" in name else 0))
     model.eval()
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
     (out_dir / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EVAL_EXAMPLES))
-    if lorax_json:
-        write_training_record(base_dir, out_dir, trained_on, double_quant, load_dtype, config)
+    if spec.lorax_json:
+        write_training_record(base_dir, out_dir, trained_on, double_quant, spec.load_dtype, config)
     return model
 
 

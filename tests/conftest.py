@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny_models import build_tiny_model  # noqa: E402
+from tiny_models import TinySpec, build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +30,7 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
         key = (arch, tie_word_embeddings, dtype, tuple(sorted(kw.items())))
         if key not in cache:
             name = f"{arch}-tie{tie_word_embeddings}-{dtype}-{len(cache)}"
-            cache[key] = build_tiny_model(tmp_path_factory.mktemp("tiny") / name, arch=arch,
-                                          tie_word_embeddings=tie_word_embeddings, dtype=dtype, **kw)
+            cache[key] = build_tiny_model(tmp_path_factory.mktemp("tiny") / name, arch=arch, spec=TinySpec(tie_word_embeddings=tie_word_embeddings, dtype=dtype, **kw))
         return cache[key]
 
     return make
@@ -40,10 +39,10 @@ def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def nf4_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random LoRA adapter on the tiny model, trained-on NF4 with double quant (read-only for tests)."""
-    from adapters import make_adapter
+    from adapters import LoraSpec, make_adapter
 
     out = tmp_path_factory.mktemp("nf4-adapter") / "adapter"
-    make_adapter(tiny_model_dir, out, trained_on="nf4", double_quant=True, seed=0)
+    make_adapter(tiny_model_dir, out, trained_on="nf4", double_quant=True, spec=LoraSpec(seed=0))
     return out
 
 

@@ -183,7 +183,7 @@ def test_qlora_adapter_merges_exactly(models, tmp_path, name):
     from transformers import AutoModelForCausalLM
 
     from exporter.gate.metrics import compare
-    from exporter.merge.plan import merge_adapter
+    from exporter.merge.api import MergeOptions, merge_adapter
 
     ids = sample_ids(models[name])
     ref = make_adapter(models[name], tmp_path / "ad", "nf4", double_quant=True)
@@ -193,7 +193,7 @@ def test_qlora_adapter_merges_exactly(models, tmp_path, name):
         with safe_open(tmp_path / "ad" / "adapter_model.safetensors", "pt") as f:
             adapted = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in f.keys()}
         assert {"qkv_proj", "gate_up_proj"} <= adapted, adapted
-    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(tmp_path / "ad", tmp_path / "m", progress=False),
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(tmp_path / "ad", tmp_path / "m", MergeOptions(progress=False)),
                                                   dtype=torch.float32)
     exact = compare(logits(ref, ids), logits(merged, ids), ids)
     base = AutoModelForCausalLM.from_pretrained(models[name], dtype=torch.float32)

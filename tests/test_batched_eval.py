@@ -91,7 +91,7 @@ def test_gate_metrics_do_not_depend_on_batching(nf4_adapter, tmp_path, monkeypat
     """The whole gate, one row per batch vs the planned batches: same verdicts, metrics within 1e-6."""
     import formats.runner
     from exporter.gate.check import GateOptions, check
-    from exporter.merge.plan import merge_adapter
+    from exporter.merge.api import merge_adapter
 
     merged = tmp_path / "merged"
     merge_adapter(nf4_adapter, merged)

@@ -41,10 +41,10 @@ def error_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def gguf_file(tiny_model_dir: Path, tmp_path_factory) -> Path:
-    from formats.gguf.export import export_gguf
+    from formats.gguf.export import GGUFOptions, export_gguf
 
     out = tmp_path_factory.mktemp("gguf")
-    return export_gguf(tiny_model_dir, out, ["f32"], check_tokenizer=False, progress=False).files[0].path
+    return export_gguf(tiny_model_dir, out, ["f32"], GGUFOptions(check_tokenizer=False, progress=False)).files[0].path
 
 
 @pytest.fixture(scope="module")
@@ -262,9 +262,9 @@ def test_unwritable_outputs_fail_before_any_work(nf4_adapter, tiny_model_dir, mo
 
 def test_output_files_follow_the_umask(tiny_model_dir, tmp_path):
     """Finding 7: GGUFs were 0600 (mkstemp) while every other output followed the umask."""
-    from formats.gguf.export import export_gguf
+    from formats.gguf.export import GGUFOptions, export_gguf
 
-    files = export_gguf(tiny_model_dir, tmp_path / "g", ["f32", "q4_k_m"], check_tokenizer=False, progress=False)
+    files = export_gguf(tiny_model_dir, tmp_path / "g", ["f32", "q4_k_m"], GGUFOptions(check_tokenizer=False, progress=False))
     expect = 0o666 & ~outputs.umask()
     assert {f.path.name: f.path.stat().st_mode & 0o777 for f in files} == {
         "model-f32.gguf": expect, "model-q4_k_m.gguf": expect}
@@ -281,12 +281,12 @@ def test_exit_codes_0_1_2_3(nf4_adapter, tiny_model_dir, tmp_path, monkeypatch, 
     assert run(["merge", tmp_path / "missing", "--out", tmp_path / "m"], capsys)[0] == 2
     assert run(["merge", "--no-such-flag"], capsys)[0] == 2
     # 3: a bug: one line with the log path; the traceback is in the log, not on the terminal
-    import exporter.merge.plan
+    import exporter.merge.api
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("planted bug")
 
-    monkeypatch.setattr(exporter.merge.plan, "build_plan", bug)
+    monkeypatch.setattr(exporter.merge.api, "build_plan", bug)
     monkeypatch.setenv("LORAX_CACHE", str(tmp_path / "cache"))
     rc, err = run(["merge", nf4_adapter, "--out", tmp_path / "m"], capsys)
     assert rc == 3

@@ -42,11 +42,11 @@ def server(tiny_model_dir, tmp_path_factory):
         if require_clients():
             pytest.fail("llama-cpp-python[server] is missing and LORAX_REQUIRE_CLIENTS=1")
         pytest.skip("llama-cpp-python[server] is not installed")
-    from formats.gguf.export import export_gguf
+    from formats.gguf.export import GGUFOptions, export_gguf
 
     work = tmp_path_factory.mktemp("server")
     hf = stopping_model(tiny_model_dir, work / "hf")
-    gguf = export_gguf(hf, work, ["f32"], progress=False).files[0].path
+    gguf = export_gguf(hf, work, ["f32"], GGUFOptions(progress=False)).files[0].path
     port = _free_port()
     log = (work / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",

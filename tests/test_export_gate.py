@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from adapters import make_adapter
+from adapters import LoraSpec, make_adapter
 
 from exporter.cli.main import main
 
@@ -101,7 +101,7 @@ def test_baseline_against_a_retrained_adapter_fails(adapter, dist, tiny_model_di
     assert main(["baseline", "compare", str(gguf), "--baseline", str(golden)]) == 0
     # "retrained": another adapter (other seed) through the same export path
     retrained = tmp_path / "adapter2"
-    make_adapter(tiny_model_dir, retrained, trained_on="nf4", double_quant=True, seed=1)
+    make_adapter(tiny_model_dir, retrained, trained_on="nf4", double_quant=True, spec=LoraSpec(seed=1))
     assert main(["export", str(retrained), "--out", str(tmp_path / "dist2"), "--gguf", "--quant", "f32",
                  "--no-check"]) == 0
     capsys.readouterr()
@@ -115,7 +115,7 @@ def test_lora_gguf_is_gated_on_the_base_as_trained(tiny_model_dir, tmp_path, rsl
     """--gguf-adapter on a QLoRA adapter ships the base as trained beside the LoRA and gates the pair through
     llama.cpp at the f32 limits; the same LoRA over the original base is shown, ungated, far outside them."""
     adapter = tmp_path / "adapter"
-    make_adapter(tiny_model_dir, adapter, trained_on="nf4", seed=3, use_rslora=rslora, r=4, alpha=8)
+    make_adapter(tiny_model_dir, adapter, trained_on="nf4", spec=LoraSpec(seed=3, use_rslora=rslora, r=4, alpha=8))
     out = tmp_path / "dist"
     rc = main(["export", str(adapter), "--out", str(out), "--gguf", "--quant", "f32", "--gguf-adapter",
                "--gen-tokens", "4"])
@@ -181,7 +181,7 @@ def test_export_of_a_plain_peft_double_quant_adapter_needs_and_takes_double_quan
     from formats.hf.runner import HFRunner
 
     adapter = tmp_path / "peft"
-    trained = make_adapter(tiny_model_dir, adapter, trained_on="nf4", double_quant=True, seed=5, lorax_json=False)
+    trained = make_adapter(tiny_model_dir, adapter, trained_on="nf4", double_quant=True, spec=LoraSpec(seed=5, lorax_json=False))
     ids = sample_ids(tiny_model_dir)
     truth = logits(trained, ids)
     gaps = {}

@@ -16,7 +16,7 @@ from exporter.gate.metrics import compare
 from formats.errors import FormatError
 from formats.gguf import arch
 from formats.gguf.adapter import gguf_alpha, write_lora_gguf
-from formats.gguf.export import export_gguf
+from formats.gguf.export import GGUFOptions, export_gguf
 from formats.gguf.runner import GGUFRunner
 from formats.gguf.writer import write_gguf
 
@@ -124,7 +124,7 @@ def test_rslora_alpha_conversion():
 
 def test_export_writes_the_adapter_next_to_the_model(lora_case, tmp_path):
     base, adapter, merged, *_ = lora_case("llama")
-    result = export_gguf(merged, tmp_path, ["f32"], adapter_dir=adapter, progress=False)
+    result = export_gguf(merged, tmp_path, ["f32"], GGUFOptions(adapter_dir=adapter, progress=False))
     assert [(f.path.name, f.kind) for f in result] == [("model-f32.gguf", "model"), ("model-lora-f32.gguf", "lora")]
 
 

@@ -17,7 +17,7 @@ from gguf_helpers import parity
 
 from formats.errors import FormatError
 from formats.gguf import export as export_mod
-from formats.gguf.export import export_gguf, parse_quants
+from formats.gguf.export import GGUFOptions, export_gguf, parse_quants
 from lorax_common.hashing import sha256_file
 
 
@@ -33,7 +33,7 @@ def wide_model(tiny_model_factory):
 
 def test_quant_ladder_on_256_wide_rows(wide_model, tmp_path):
     quants = ["q8_0", "q6_k", "q4_k_m", "q2_k"]
-    result = export_gguf(wide_model, tmp_path, quants, progress=False)
+    result = export_gguf(wide_model, tmp_path, quants, GGUFOptions(progress=False))
     klds = {}
     for f in result:
         p = parity(wide_model, f.path)
@@ -46,7 +46,7 @@ def test_quant_ladder_on_256_wide_rows(wide_model, tmp_path):
 
 
 def test_tiny_rows_fall_back_and_say_so(tiny_model_dir, tmp_path):
-    result = export_gguf(tiny_model_dir, tmp_path, ["q4_k_m", "q4_0"], progress=False)
+    result = export_gguf(tiny_model_dir, tmp_path, ["q4_k_m", "q4_0"], GGUFOptions(progress=False))
     fallback = types_in(tmp_path / "model-q4_k_m.gguf")
     print(f"\n64-wide q4_k_m tensor types: {dict(fallback)}; warnings: {result.warnings}")
     assert "Q4_K" not in fallback and fallback["Q5_0"] > 0  # libllama's fallback for 64-wide rows
@@ -71,7 +71,7 @@ def test_one_intermediate_serves_every_libllama_type(tiny_model_dir, tmp_path, m
 
     monkeypatch.setattr(export_mod, "write_gguf", spy_write)
     monkeypatch.setattr(export_mod, "quantize_gguf", spy_quant)
-    result = export_gguf(tiny_model_dir, tmp_path / "a", ["Q4_K_M", "q6_k", "q4_0"], progress=False)
+    result = export_gguf(tiny_model_dir, tmp_path / "a", ["Q4_K_M", "q6_k", "q4_0"], GGUFOptions(progress=False))
     assert written == [("intermediate-f32.gguf", "f32")]  # the f32 checkpoint's exact type
     assert quantized == [("intermediate-f32.gguf", q) for q in ("q4_k_m", "q6_k", "q4_0")]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
@@ -80,18 +80,18 @@ def test_one_intermediate_serves_every_libllama_type(tiny_model_dir, tmp_path, m
         assert f.sha256 == sha256_file(f.path) and f.kind == "model"
 
     written.clear(), quantized.clear()
-    export_gguf(tiny_model_dir, tmp_path / "b", ["f32", "q4_k_m"], progress=False)
+    export_gguf(tiny_model_dir, tmp_path / "b", ["f32", "q4_k_m"], GGUFOptions(progress=False))
     assert written == [("model-f32.gguf", "f32")]  # the shipped f32 file doubles as the intermediate
     assert quantized == [("model-f32.gguf", "q4_k_m")]
 
 
 def test_existing_files_are_refused_without_force(tiny_model_dir, tmp_path):
-    export_gguf(tiny_model_dir, tmp_path, ["f16"], progress=False)
+    export_gguf(tiny_model_dir, tmp_path, ["f16"], GGUFOptions(progress=False))
     digest = sha256_file(tmp_path / "model-f16.gguf")
     with pytest.raises(FormatError, match="model-f16.gguf already exists.*--force"):
-        export_gguf(tiny_model_dir, tmp_path, ["q8_0", "f16"], progress=False)
+        export_gguf(tiny_model_dir, tmp_path, ["q8_0", "f16"], GGUFOptions(progress=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-f16.gguf"]
-    export_gguf(tiny_model_dir, tmp_path, ["f16"], force=True, progress=False)
+    export_gguf(tiny_model_dir, tmp_path, ["f16"], GGUFOptions(force=True, progress=False))
     assert sha256_file(tmp_path / "model-f16.gguf") == digest  # deterministic output
 
 
@@ -111,7 +111,7 @@ def test_failed_conformance_ships_nothing(tiny_model_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(tokenizer, "load_vocab", bad_vocab)
     monkeypatch.setattr(export_mod, "quantize_gguf", no_quantize)
     with pytest.raises(FormatError, match="tokenizer mismatch"):
-        export_gguf(tiny_model_dir, tmp_path, ["f32", "q4_0"], progress=False)
+        export_gguf(tiny_model_dir, tmp_path, ["f32", "q4_0"], GGUFOptions(progress=False))
     assert list(tmp_path.iterdir()) == []  # nothing shipped, staging removed
 
 

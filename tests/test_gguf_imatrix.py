@@ -12,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
 from formats.errors import FormatError
-from formats.gguf.export import export_gguf
+from formats.gguf.export import GGUFOptions, export_gguf
 from formats.gguf.imatrix import Imatrix, collect_imatrix, read_imatrix, write_imatrix
 from formats.gguf.quantize import Recipe, quantize_gguf
 from lorax_common.hashing import sha256_file
@@ -39,8 +39,8 @@ def imx(tiny_model_dir, model, seqs) -> Imatrix:
 
 @pytest.fixture(scope="module")
 def f32_gguf(tiny_model_dir, tmp_path_factory):
-    out = export_gguf(tiny_model_dir, tmp_path_factory.mktemp("imx-f32"), ["f32"], check_tokenizer=False,
-                      progress=False)
+    out = export_gguf(tiny_model_dir, tmp_path_factory.mktemp("imx-f32"), ["f32"], GGUFOptions(check_tokenizer=False,
+                      progress=False))
     return out.files[0].path
 
 

@@ -14,7 +14,7 @@ import pytest
 from gguf_helpers import ENGLISH, parity
 
 from formats.gguf.conformance import check_tokenizer
-from formats.gguf.export import export_gguf
+from formats.gguf.export import GGUFOptions, export_gguf
 from formats.gguf.tokenizer import CHKTXT, PRE_BY_HASH, load_hf_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ THRESHOLDS = {"f32": (1e-4, 0.99), "q8_0": (1e-2, 0.0), "q4_k_m": (0.15, 0.0)}
 @pytest.fixture(scope="module")
 def exported(smollm2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2-gguf")
-    return export_gguf(smollm2_dir, out, list(THRESHOLDS), progress=False)  # includes tokenizer conformance
+    return export_gguf(smollm2_dir, out, list(THRESHOLDS), GGUFOptions(progress=False))  # includes tokenizer conformance
 
 
 @pytest.mark.parametrize("qtype", list(THRESHOLDS))

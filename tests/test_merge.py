@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from adapters import logits, make_adapter, sample_ids
+from adapters import LoraSpec, logits, make_adapter, sample_ids
 from safetensors.torch import load_file
 
 from exporter.gate.metrics import compare
-from exporter.merge.plan import fold, lora_scale, merge_adapter
+from exporter.merge.api import MergeOptions, merge_adapter
+from exporter.merge.plan import fold, lora_scale
 
 EXACT = 1e-4  # float32 logit tolerance: dequantize + fold reproduces the trained model up to rounding
 
@@ -43,7 +44,7 @@ def adapter(tiny_model_dir, tmp_path_factory, ids):
         key = (trained_on, double_quant, use_rslora)
         if key not in cache:
             d = tmp_path_factory.mktemp("adapter") / "-".join(map(str, key))
-            cache[key] = d, logits(make_adapter(tiny_model_dir, d, trained_on, double_quant, use_rslora), ids)
+            cache[key] = d, logits(make_adapter(tiny_model_dir, d, trained_on, double_quant, spec=LoraSpec(use_rslora=use_rslora)), ids)
         return cache[key]
 
     return get
@@ -54,13 +55,13 @@ def adapter(tiny_model_dir, tmp_path_factory, ids):
                          ids=["nf4", "nf4-dq", "fp4", "noquant"])
 def test_merge_matches_trained_model(adapter, tmp_path, ids, base_logits, trained_on, double_quant, use_rslora):
     ad, ref = adapter(trained_on, double_quant, use_rslora)
-    merged = logits(load_merged(merge_adapter(ad, tmp_path / "merged", progress=False)), ids)
+    merged = logits(load_merged(merge_adapter(ad, tmp_path / "merged", MergeOptions(progress=False))), ids)
     exact = compare(ref, merged, ids)
     assert exact.max_abs_logit <= EXACT, exact
     assert compare(base_logits, merged, ids).max_abs_logit > 0.5  # the adapter really changed the model
     if trained_on != "none" and not use_rslora:
         # The naive merge into the stored weights is measurably not the trained model: proves the check bites.
-        naive = logits(load_merged(merge_adapter(ad, tmp_path / "naive", merge_base="original", progress=False)), ids)
+        naive = logits(load_merged(merge_adapter(ad, tmp_path / "naive", MergeOptions(merge_base="original", progress=False))), ids)
         worse = compare(ref, naive, ids)
         assert worse.max_abs_logit > 1000 * max(exact.max_abs_logit, 1e-6) and worse.kld_mean > 1e-3, worse
 
@@ -76,9 +77,9 @@ def test_reference_rebuilds_the_trained_model(adapter, ids):
 
 
 def test_embeddings_lm_head_and_modules_to_save(tiny_model_dir, tmp_path, ids):
-    ref = logits(make_adapter(tiny_model_dir, tmp_path / "ad", "nf4", True, target_modules=[
-        "q_proj", "down_proj", "embed_tokens"], modules_to_save=["lm_head"]), ids)
-    out = merge_adapter(tmp_path / "ad", tmp_path / "merged", progress=False)
+    ref = logits(make_adapter(tiny_model_dir, tmp_path / "ad", "nf4", True, spec=LoraSpec(target_modules=[
+        "q_proj", "down_proj", "embed_tokens"], extra={'modules_to_save': ["lm_head"]})), ids)
+    out = merge_adapter(tmp_path / "ad", tmp_path / "merged", MergeOptions(progress=False))
     assert compare(ref, logits(load_merged(out), ids), ids).max_abs_logit <= EXACT
     counts = json.loads((out / "lorax.json").read_text())["merge"]["counts"]
     assert counts["lora_modules"] == 2 * 2 + 1 and counts["replaced"] >= 1  # 2 layers x 2 + embeddings
@@ -87,33 +88,32 @@ def test_embeddings_lm_head_and_modules_to_save(tiny_model_dir, tmp_path, ids):
 def test_lora_bias_on_qwen2_biases(tiny_model_factory, tmp_path):
     base = tiny_model_factory(arch="qwen2")  # q/k/v projections carry biases
     ids = sample_ids(base)
-    ref = logits(make_adapter(base, tmp_path / "ad", "nf4", target_modules=["q_proj", "k_proj", "v_proj"],
-                              lora_bias=True), ids)
-    merged = load_merged(merge_adapter(tmp_path / "ad", tmp_path / "merged", progress=False))
+    ref = logits(make_adapter(base, tmp_path / "ad", "nf4", spec=LoraSpec(target_modules=["q_proj", "k_proj", "v_proj"], extra={'lora_bias': True})), ids)
+    merged = load_merged(merge_adapter(tmp_path / "ad", tmp_path / "merged", MergeOptions(progress=False)))
     assert compare(ref, logits(merged, ids), ids).max_abs_logit <= EXACT
 
 
 def test_tied_embeddings_are_untied_when_the_adapter_changes_one_side(tiny_model_factory, tmp_path):
     base = tiny_model_factory(tie_word_embeddings=True)
     ids = sample_ids(base)
-    ref = logits(make_adapter(base, tmp_path / "ad", "nf4", target_modules=["embed_tokens", "q_proj"]), ids)
-    out = merge_adapter(tmp_path / "ad", tmp_path / "merged", progress=False)
+    ref = logits(make_adapter(base, tmp_path / "ad", "nf4", spec=LoraSpec(target_modules=["embed_tokens", "q_proj"])), ids)
+    out = merge_adapter(tmp_path / "ad", tmp_path / "merged", MergeOptions(progress=False))
     assert compare(ref, logits(load_merged(out), ids), ids).max_abs_logit <= EXACT
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     weights = load_file(out / "model.safetensors")
     assert not torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
     # An adapter that leaves both embeddings alone keeps them tied (no lm_head tensor written).
-    make_adapter(base, tmp_path / "ad2", "nf4", target_modules=["q_proj"])
-    out2 = merge_adapter(tmp_path / "ad2", tmp_path / "merged2", progress=False)
+    make_adapter(base, tmp_path / "ad2", "nf4", spec=LoraSpec(target_modules=["q_proj"]))
+    out2 = merge_adapter(tmp_path / "ad2", tmp_path / "merged2", MergeOptions(progress=False))
     assert "lm_head.weight" not in load_file(out2 / "model.safetensors")
     assert json.loads((out2 / "config.json").read_text())["tie_word_embeddings"] is True
 
 
 def test_row_chunks_and_shards_give_identical_weights(adapter, tmp_path, monkeypatch):
     ad, _ = adapter("nf4", True)
-    whole = load_file(merge_adapter(ad, tmp_path / "whole", progress=False) / "model.safetensors")
+    whole = load_file(merge_adapter(ad, tmp_path / "whole", MergeOptions(progress=False)) / "model.safetensors")
     monkeypatch.setattr("exporter.merge.io.CHUNK_ELEMS", 1000)  # several row chunks per tensor, incl. 4-bit ones
-    out = merge_adapter(ad, tmp_path / "sharded", max_shard_bytes=100_000, progress=False)
+    out = merge_adapter(ad, tmp_path / "sharded", MergeOptions(max_shard_bytes=100_000, progress=False))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
@@ -129,8 +129,8 @@ def test_output_dtype_and_merged_dir_contents(adapter, tmp_path):
     from lorax_common.hashing import sha256_file
 
     ad, _ = adapter("nf4")
-    f32 = load_file(merge_adapter(ad, tmp_path / "f32", progress=False) / "model.safetensors")
-    out = merge_adapter(ad, tmp_path / "bf16", dtype="bfloat16", progress=False)
+    f32 = load_file(merge_adapter(ad, tmp_path / "f32", MergeOptions(progress=False)) / "model.safetensors")
+    out = merge_adapter(ad, tmp_path / "bf16", MergeOptions(dtype="bfloat16", progress=False))
     bf16 = load_file(out / "model.safetensors")
     assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], f32[k].to(torch.bfloat16)) for k in f32)
     cfg = json.loads((out / "config.json").read_text())
@@ -147,13 +147,13 @@ def test_output_dtype_and_merged_dir_contents(adapter, tmp_path):
 
 def test_auto_builds_both_and_keeps_the_closer(adapter, tmp_path):
     ad, _ = adapter("nf4", True)
-    out = merge_adapter(ad, tmp_path / "auto", merge_base="auto", progress=False)
+    out = merge_adapter(ad, tmp_path / "auto", MergeOptions(merge_base="auto", progress=False))
     merge = json.loads((out / "lorax.json").read_text())["merge"]
     q, o = merge["candidates"]["quantized"], merge["candidates"]["original"]
     assert merge["merge_base"] == "quantized" and q["kld_mean"] < 1e-9 < 1e-3 < o["kld_mean"]
     assert q["max_abs_logit"] <= EXACT and q["top1"] == 1.0 > o["top1"]
     assert not list(out.glob(".candidate-*"))
-    direct = merge_adapter(ad, tmp_path / "direct", progress=False)
+    direct = merge_adapter(ad, tmp_path / "direct", MergeOptions(progress=False))
     assert sha(out / "model.safetensors") == sha(direct / "model.safetensors")
 
 
@@ -169,10 +169,10 @@ def test_plain_peft_adapter_with_trained_on(adapter, tmp_path, ids):
     src, ref = adapter("fp4")
     ad = shutil.copytree(src, tmp_path / "plain")
     (ad / "lorax.json").unlink()  # a plain PEFT dir: training quantization unknown unless told
-    out = merge_adapter(ad, tmp_path / "m", trained_on="fp4", progress=False)
+    out = merge_adapter(ad, tmp_path / "m", MergeOptions(trained_on="fp4", progress=False))
     assert compare(ref, logits(load_merged(out), ids), ids).max_abs_logit <= EXACT
     # Telling it the wrong training quantization is not exact: --trained-on matters.
-    wrong = merge_adapter(ad, tmp_path / "w", trained_on="nf4", progress=False)
+    wrong = merge_adapter(ad, tmp_path / "w", MergeOptions(trained_on="nf4", progress=False))
     assert compare(ref, logits(load_merged(wrong), ids), ids).max_abs_logit > 0.01
 
 

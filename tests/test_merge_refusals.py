@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from adapters import make_adapter
+from adapters import LoraSpec, make_adapter
 from safetensors.torch import load_file, save_file
 
 from exporter.cli.main import main
@@ -17,14 +17,14 @@ from exporter.cli.main import main
 def plain_adapter(tiny_model_dir, tmp_path_factory):
     """A PEFT adapter trained (here: randomized) on the unquantized tiny base, without lorax.json."""
     d = tmp_path_factory.mktemp("plain") / "ad"
-    make_adapter(tiny_model_dir, d, "none", lorax_json=False, target_modules=["q_proj", "v_proj"])
+    make_adapter(tiny_model_dir, d, "none", spec=LoraSpec(lorax_json=False, target_modules=["q_proj", "v_proj"]))
     return d
 
 
 @pytest.fixture(scope="module")
 def lorax_adapter(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("lorax") / "ad"
-    make_adapter(tiny_model_dir, d, "none", target_modules=["q_proj", "v_proj"])
+    make_adapter(tiny_model_dir, d, "none", spec=LoraSpec(target_modules=["q_proj", "v_proj"]))
     return d
 
 
@@ -95,13 +95,13 @@ def test_unsupported_peft_types(capsys, tmp_path, tiny_model_dir, kind):
 
     config = (LoraConfig(r=4, target_modules=["q_proj"], use_dora=True) if kind == "dora"
               else LoHaConfig(r=4, target_modules=["q_proj"]))
-    make_adapter(tiny_model_dir, tmp_path / "ad", "none", lorax_json=False, peft_config=config)
+    make_adapter(tiny_model_dir, tmp_path / "ad", "none", spec=LoraSpec(lorax_json=False, peft_config=config))
     refuse(capsys, tmp_path, str(tmp_path / "ad"), "--trained-on", "none",
            match="DoRA" if kind == "dora" else "is a LoHa adapter")
 
 
 def test_changed_base_is_refused_unless_told(capsys, tmp_path, tiny_model_dir):
-    make_adapter(tiny_model_dir, tmp_path / "ad", "none", target_modules=["q_proj"])
+    make_adapter(tiny_model_dir, tmp_path / "ad", "none", spec=LoraSpec(target_modules=["q_proj"]))
     meta = json.loads((tmp_path / "ad" / "lorax.json").read_text())
     meta["base"]["files"]["model.safetensors"] = "0" * 64
     (tmp_path / "ad" / "lorax.json").write_text(json.dumps(meta))

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapters import logits, make_adapter
+from adapters import LoraSpec, logits, make_adapter
 
 from exporter.gate.metrics import compare
-from exporter.merge.plan import merge_adapter
+from exporter.merge.api import MergeOptions, merge_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +51,12 @@ def test_merge_smollm2_exact_floor_and_naive(bf16_base, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(bf16_base)
     ids = [list(tok(t)["input_ids"]) for t in TEXTS]
-    ref32 = logits(make_adapter(bf16_base, tmp_path / "ad", "nf4", double_quant=True, r=16, alpha=32,
-                                std=0.02, load_dtype="float32"), ids)
+    ref32 = logits(make_adapter(bf16_base, tmp_path / "ad", "nf4", double_quant=True, spec=LoraSpec(r=16, alpha=32, std=0.02, load_dtype="float32")), ids)
     info = read_adapter(tmp_path / "ad")
     ref16 = logits(load_reference(info, dtype="bfloat16")[0], ids)
 
     def merged(name, **kw):
-        out = merge_adapter(tmp_path / "ad", tmp_path / name, progress=False, **kw)
+        out = merge_adapter(tmp_path / "ad", tmp_path / name, MergeOptions(progress=False, **kw))
         return logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
 
     m32 = merged("m32", dtype="float32")

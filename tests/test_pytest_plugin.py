@@ -53,9 +53,9 @@ def test_one_row_per_file_and_a_broken_file_fails_alone(work, tiny_model_dir):
     assert set(cases) == {"hf:merged", "model-f32.gguf", "model-q8_0.gguf", "drift:model-f32.gguf"}
     assert all(v is None for v in cases.values())
 
-    from formats.gguf.export import export_gguf
+    from formats.gguf.export import GGUFOptions, export_gguf
 
-    base_q8 = export_gguf(tiny_model_dir, work / "base", ["q8_0"], progress=False).files[0].path
+    base_q8 = export_gguf(tiny_model_dir, work / "base", ["q8_0"], GGUFOptions(progress=False)).files[0].path
     shutil.copy(base_q8, work / "dist" / "model-q8_0.gguf")  # the base without the adapter, under the same name
     rc, cases = _pytest(work, "dist", "baselines")
     assert rc == 1

@@ -8,14 +8,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from adapters import make_adapter
+from adapters import LoraSpec, make_adapter
 from gguf import GGUFReader
 from tiny_data import chat_records, write_jsonl
 
 from exporter.cli.main import main
 from exporter.errors import LoraxError
-from exporter.export.quant_auto import Candidate, Measured, choose, parse_size
+from exporter.export.quant_auto import Candidate, Measured, choose
 from formats.gguf.imatrix import read_imatrix
+from lorax_common.units import parse_size
 
 
 def m(name: str, size: int, kld: float) -> Measured:
@@ -33,13 +34,16 @@ def test_choose_smallest_within_budget():
     with pytest.raises(LoraxError, match="needs a budget"):
         choose(pool)
     assert parse_size("110MB") == 110_000_000 and parse_size("1.5KiB") == 1536 and parse_size("42") == 42
+    for bad in ("12XB", "MB", "-3MB", "1.2.3GB"):
+        with pytest.raises(ValueError, match="is not a size"):
+            parse_size(bad)
 
 
 @pytest.fixture(scope="module")
 def adapter_with_data(tiny_model_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("auto")
     ad = root / "adapter"
-    make_adapter(tiny_model_dir, ad, trained_on="nf4", double_quant=True, seed=0)
+    make_adapter(tiny_model_dir, ad, trained_on="nf4", double_quant=True, spec=LoraSpec(seed=0))
     data = write_jsonl(chat_records(64), root / "train.jsonl")
     meta = json.loads((ad / "lorax.json").read_text())
     meta["data"].update(path=str(data), eval_fraction=0.1)

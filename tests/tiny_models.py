@@ -8,6 +8,7 @@ does on real models. Weights are stored in float32 unless asked otherwise.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -103,18 +104,20 @@ ARCHS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_tiny_model(
-    out_dir: str | Path,
-    arch: str = "llama",
-    tie_word_embeddings: bool | None = None,
-    seed: int = 0,
-    dtype: str = "float32",
-    hidden_size: int = 64,
-    intermediate_size: int = 192,
-    num_layers: int | None = None,
-    rope_theta: float | None = None,
-    tokenizer=None,
-) -> Path:
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes and settings of a tiny model (None: the architecture's default in ARCHS)."""
+
+    tie_word_embeddings: bool | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_layers: int | None = None
+    rope_theta: float | None = None
+
+
+def build_tiny_model(out_dir: str | Path, arch: str = "llama", spec: TinySpec = TinySpec(), tokenizer=None) -> Path:
     """Save a tiny random causal LM + tokenizer to `out_dir` and return the path (None: the arch's default)."""
     import torch
     import transformers
@@ -124,12 +127,12 @@ def build_tiny_model(
     cls_name, extra = ARCHS[arch]
     kwargs = dict(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=hidden_size // 4,
+        head_dim=spec.hidden_size // 4,
         max_position_embeddings=2048,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         # A wide init gives peaked next-token distributions, so parity metrics have something to measure.
@@ -140,15 +143,15 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
     )
     kwargs.update(extra)
-    if num_layers is not None:
-        kwargs["num_hidden_layers"] = num_layers
-    if tie_word_embeddings is not None:
-        kwargs["tie_word_embeddings"] = tie_word_embeddings
-    if rope_theta is not None:
-        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
+    if spec.num_layers is not None:
+        kwargs["num_hidden_layers"] = spec.num_layers
+    if spec.tie_word_embeddings is not None:
+        kwargs["tie_word_embeddings"] = spec.tie_word_embeddings
+    if spec.rope_theta is not None:
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": spec.rope_theta}
     config = getattr(transformers, cls_name)(**kwargs)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    torch.manual_seed(spec.seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.dtype))
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

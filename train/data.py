@@ -220,14 +220,15 @@ class Encoded:
 
 def tokenize(records: Records, tokenizer, max_len: int, desc: str = "tokenize") -> Encoded:
     import datasets
-    from tqdm.auto import tqdm
+
+    from lorax_common.log import progress
 
     if records.format == "messages" and not getattr(tokenizer, "chat_template", None):
         raise TrainError("chat records need a tokenizer chat template but the base has none; "
                          "use prompt/completion records or a base model with a chat template")
     if not getattr(tokenizer, "is_fast", False):
         raise TrainError("prompt masking needs a fast (Rust) tokenizer with offsets; the base's tokenizer is not fast")
-    rows = [encode(r, records.format, tokenizer, max_len) for r in tqdm(records.rows, desc=desc, leave=False)]
+    rows = [encode(r, records.format, tokenizer, max_len) for r in progress(records.rows, desc=desc, leave=False)]
     truncated = sum(r["truncated"] for r in rows)
     kept = [r for r in rows if any(lab != IGNORE for lab in r["labels"])]
     for r in kept:

@@ -29,9 +29,9 @@ def weight_files(base: Path) -> list[Path]:
 
 
 def base_record(base: Path, storage_dtype: str, architecture: str, hub_id: str | None = None) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+    from lorax_common.log import progress
 
-    files = {p.name: sha256_file(p) for p in tqdm(weight_files(base), desc="hash base weights", leave=False)}
+    files = {p.name: sha256_file(p) for p in progress(weight_files(base), desc="hash base weights", leave=False)}
     record = {"path": str(base.resolve()), "weights_sha256": weights_digest(files), "files": files,
               "storage_dtype": storage_dtype, "architecture": architecture}
     if hub_id:

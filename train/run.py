@@ -63,7 +63,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def say(msg: str, all_ranks: bool = False) -> None:
+def _quiet() -> bool:
+    from lorax_common import log
+
+    return log.current() == log.QUIET
+
+
+def say(msg: str, all_ranks: bool = False, result: bool = False) -> None:
+    """A progress line on stderr (rank 0 unless all_ranks); under `lorax -q` only results are said."""
+    if _quiet() and not result:
+        return
     if all_ranks or rank() == 0:
         print(f"lorax train: {msg}", file=sys.stderr, flush=True)
 
@@ -150,7 +159,7 @@ def training_args(cfg: TrainConfig, ckpt: Path, has_eval: bool, resuming: bool):
         dataloader_pin_memory=cuda,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
-        disable_tqdm=False,
+        disable_tqdm=_quiet(),  # the Trainer's own bar follows `lorax -q`
     )
 
 
@@ -284,7 +293,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt: Path, last: str | None, force: boo
         recorded = adapter_record.to_dict()
         if not cfg.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
-        say(f"wrote {out} (eval loss {metrics['eval_loss_before']} -> {metrics['eval_loss']})")
+        say(f"wrote {out} (eval loss {metrics['eval_loss_before']} -> {metrics['eval_loss']})", result=True)
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out, model, p.tok, recorded)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from exporter.cli.options import Size, adapter_options, gate_options, merge_options
 from exporter.gate.registry import lookup, offered
 
 # every type offered here has a threshold row (exporter.gate.registry); the rest are not offered
@@ -29,40 +30,26 @@ ONNX_QUANTS = [t for t in offered("onnx") if lookup("onnx", t).quantized]
 @click.option("--output-type", default=None, help="GGUF type of output.weight.")
 @click.option("--embedding-type", default=None, help="GGUF type of token_embd.weight.")
 @click.option("--max-kld", type=float, default=None, help="--quant auto: largest mean KLD vs the trained model.")
-@click.option("--max-size", default=None, help="--quant auto: largest file, e.g. 110MB or 1.2GiB.")
+@click.option("--max-size", type=Size(), default=None, help="--quant auto: largest file, e.g. 110MB or 1.2GiB.")
 @click.option("--gguf-adapter", is_flag=True, help="Also write the adapter alone as a llama.cpp LoRA GGUF, with the base it was "
               "trained on (base-as-trained-<type>.gguf) to apply it to; the pair is gated in llama.cpp.")
 @click.option("--onnx", is_flag=True, help="Write an ONNX decoder with KV cache for onnxruntime.")
 @click.option("--onnx-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--onnx-quant", type=click.Choice(ONNX_QUANTS), default=None)
-@click.option("--merge-base", type=click.Choice(["quantized", "original", "auto"]), default=None,
-              help="What the LoRA is folded into (default: quantized for QLoRA adapters).")
-@click.option("--trained-on", type=click.Choice(["nf4", "fp4", "none"]),
-              help="Required for adapters without lorax.json.")
-@click.option("--double-quant", is_flag=True, help="With --trained-on nf4/fp4: training used double quantization.")
-@click.option("--base", type=click.Path(exists=True, file_okay=False), help="Override the recorded base dir.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Merged weights dtype (default: the dtype training computed in, so the merge is exact).")
+@merge_options
+@adapter_options
 @click.option("--no-check", is_flag=True, help="Skip the parity gate (not recommended).")
-@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="Gate prompts (default: eval.jsonl).")
-@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Gate on at most this many prompts.")
-@click.option("--gen-tokens", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Greedy tokens compared per prompt.")
-@click.option("--threshold", "thresholds", multiple=True, metavar="METRIC=VALUE")
-@click.option("--floor", type=click.Choice(["auto", "always", "off"]), default="auto", show_default=True,
-              help="Quantization floor of lossy GGUF/ONNX types (see `lorax check --help`).")
+@gate_options
 @click.option("--force", is_flag=True, help="Replace an existing output directory (never an input: --out may not "
               "overlap the adapter, its base or --prompts).")
-def command(source, out_dir, gguf, quants, imatrix, calibration, imatrix_tokens, tensor_types, output_type,
-            embedding_type, max_kld, max_size, gguf_adapter, onnx, onnx_dtype, onnx_quant, merge_base, trained_on,
-            double_quant, base, dtype, no_check, prompts, max_samples, gen_tokens, thresholds, floor, force) -> None:
+def command(source: str, out_dir: str, no_check: bool, thresholds: tuple[str, ...], **flags) -> None:
     """Merge SOURCE (adapter dir or HF model dir), write GGUF/ONNX into DIR, and gate every artifact.
 
     Killed during the gate? Run the same command again: DIR's lorax.json says the gate is pending and
     the rerun gates the files already built."""
+    from exporter.cli.options import build
     from exporter.errors import GateFailed, LoraxError
     from exporter.export.pipeline import ExportOptions, export
-    from exporter.export.quant_auto import parse_size
     from exporter.gate.report import to_markdown
     from exporter.gate.thresholds import parse_overrides
     from lorax_common.timing import summary_line
@@ -71,14 +58,7 @@ def command(source, out_dir, gguf, quants, imatrix, calibration, imatrix_tokens,
         overrides = parse_overrides(thresholds, None)
     except ValueError as e:
         raise LoraxError(str(e)) from None
-    opts = ExportOptions(gguf=gguf, quants=quants, gguf_adapter=gguf_adapter, onnx=onnx, onnx_dtype=onnx_dtype,
-                         onnx_quant=onnx_quant, merge_base=merge_base, trained_on=trained_on,
-                         double_quant=double_quant, base=base,
-                         dtype=dtype, check=not no_check, prompts=prompts, max_samples=max_samples,
-                         gen_tokens=gen_tokens, overrides=overrides, floor=floor, force=force, imatrix=imatrix,
-                         calibration=calibration, imatrix_tokens=imatrix_tokens, tensor_types=tensor_types,
-                         output_type=output_type, embedding_type=embedding_type, max_kld=max_kld,
-                         max_size=parse_size(max_size) if max_size else None)
+    opts = build(ExportOptions, flags, check=not no_check, overrides=overrides)
     report = export(source, out_dir, opts)
     click.echo(f"wrote {out_dir}")
     if report is not None:

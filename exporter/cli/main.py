@@ -5,6 +5,7 @@
     lorax import-gguf model.gguf --out base/
     lorax train --config train.yaml
     lorax merge adapter/ --out merged/
+    lorax -q export adapter/ --out dist/ --gguf      # -q: results and errors only; -v: debug log too
 
 Each subcommand lives in its own module and is imported only when it runs (a table below maps
 names to modules), so `lorax --help` starts without importing torch. Commands parse flags and call one
@@ -80,8 +81,17 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show versions of lorax and its numeric stack (for bug reports), then exit.")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Also show lorax's debug log (which module said what).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or warnings; errors and results only.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """lorax: QLoRA fine-tune -> merged weights -> GGUF / ONNX, with parity checks against the trained model."""
+    from lorax_common import log
+
+    if verbose and quiet:
+        raise click.UsageError("-v and -q contradict each other; pass one")
+    level = log.VERBOSE if verbose else log.QUIET if quiet else log.NORMAL
+    ctx.with_resource(log.log_to_stderr(level))  # for this command only: undone when it returns
 
 
 def crash_log(exc: BaseException, argv: list[str] | None) -> Path | None:

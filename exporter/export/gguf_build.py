@@ -14,13 +14,15 @@ rebuilds that recipe from the record for the floor (`recipes_from_record`), so a
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from exporter.errors import LoraxError
 from formats.gguf.imatrix import Imatrix, collect_imatrix, read_imatrix, write_imatrix
 from formats.gguf.quantize import LIBLLAMA_TYPES, NEEDS_IMATRIX, Recipe
+
+log = logging.getLogger(__name__)
 
 IMATRIX_FILE = "imatrix.gguf"
 
@@ -56,7 +58,7 @@ def importance_matrix(source: Path, merged: Path, opts, needed: bool) -> Imatrix
     try:
         cal = calibration_sequences(source, AutoTokenizer.from_pretrained(merged), opts.calibration)
     except LoraxError as e:
-        print(f"warning: {e}; quantizing without an importance matrix", file=sys.stderr)
+        log.warning("%s; quantizing without an importance matrix", e)
         return None
     return collect_imatrix(merged, cal.sequences, token_budget=opts.imatrix_tokens, datasets=[cal.source])
 
@@ -107,7 +109,7 @@ def recipes_from_record(record: dict, out_dir: Path) -> dict[str, Recipe]:
 def build_gguf(source: Path, merged: Path, tmp: Path, opts, clock) -> GGUFBuild:
     """Every GGUF of the export into `tmp` (the staging dist); stage times into `clock` (a Stopwatch)."""
     from exporter.export.quant_recipes import wants_imatrix
-    from formats.gguf.export import export_gguf
+    from formats.gguf.export import GGUFOptions, export_gguf
 
     auto = "auto" in opts.quants
     quants = tuple(q for q in opts.quants if q != "auto")
@@ -129,7 +131,7 @@ def build_gguf(source: Path, merged: Path, tmp: Path, opts, clock) -> GGUFBuild:
     if any(r.imatrix is not None for r in recipes.values()):
         write_imatrix(imx, tmp / IMATRIX_FILE)
     with clock("gguf " + " ".join(quants)):
-        result = export_gguf(merged, tmp, quants, adapter_dir=source if opts.gguf_adapter else None, recipes=recipes)
+        result = export_gguf(merged, tmp, quants, GGUFOptions(adapter_dir=source if opts.gguf_adapter else None, recipes=recipes))
     return GGUFBuild(result, recipes, record, report_md)
 
 
@@ -142,9 +144,9 @@ def choose_auto(source: Path, merged: Path, tmp: Path, imx: Imatrix | None, opts
 
     from exporter.export import quant_auto
     from exporter.export.quant_recipes import auto_pool
-    from exporter.gate.evaluate import run_reference
+    from exporter.gate.evaluate import Yardstick, run_reference
     from exporter.gate.samples import build, load_rows
-    from formats.gguf.export import export_gguf
+    from formats.gguf.export import GGUFOptions, export_gguf
     from formats.gguf.writer import source_type
     from formats.hf.runner import HFRunner
 
@@ -155,13 +157,13 @@ def choose_auto(source: Path, merged: Path, tmp: Path, imx: Imatrix | None, opts
     try:
         ref = HFRunner(merged, name="merged")
         try:
-            ref_out = run_reference(ref, samples, tok, opts.gen_tokens)
+            yard = Yardstick(samples, tok, opts.gen_tokens)
+            ref_out = run_reference(ref, yard)
         finally:
             ref.close()
-        inter = export_gguf(merged, work, [source_type(merged)], stem="inter", check_tokenizer=False,
-                            progress=False).files[0].path
-        measured = quant_auto.measure(auto_pool(imx, user_recipe(opts)), inter, work, ref_out.logits,
-                                      ref_out.generations, samples, tok, opts.gen_tokens)
+        inter = export_gguf(merged, work, [source_type(merged)], GGUFOptions(stem="inter", check_tokenizer=False,
+                            progress=False)).files[0].path
+        measured = quant_auto.measure(auto_pool(imx, user_recipe(opts)), inter, work, yard, ref_out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     chosen = quant_auto.choose(measured, opts.max_kld, opts.max_size)

@@ -29,6 +29,7 @@ from pathlib import Path
 from exporter.errors import LoraxError
 from exporter.export.card import write_card
 from exporter.export.publish import export_inputs, pending, pending_gate, request_of, write_json_atomic
+from exporter.merge.api import MergeOptions
 from formats.fsutil import atomic_dir
 from lorax_common.hashing import sha256_file
 from lorax_common.outputs import OutputLock, output_lock, refuse_overlap
@@ -64,6 +65,10 @@ class ExportOptions:
     embedding_type: str | None = None
     max_kld: float | None = None  # --quant auto budgets
     max_size: int | None = None
+
+    def merge_options(self) -> MergeOptions:
+        return MergeOptions(merge_base=self.merge_base, dtype=self.dtype, trained_on=self.trained_on,
+                            double_quant=self.double_quant, base_dir=self.base)
 
 
 def is_adapter(path: Path) -> bool:
@@ -101,16 +106,16 @@ def write_base_as_trained(source: Path, tmp: Path, opts: ExportOptions) -> Path:
     """The base exactly as training computed with it, as a GGUF of its exact type: what the LoRA GGUF must be
     applied to (a GGUF of the original base would give llama.cpp the naive merge)."""
     import shutil
+    from dataclasses import replace
 
-    from exporter.merge.plan import merge_adapter
-    from formats.gguf.export import export_gguf
+    from exporter.merge.api import merge_adapter
+    from formats.gguf.export import GGUFOptions, export_gguf
     from formats.gguf.writer import source_type
 
     hf = tmp / ".base-as-trained"
-    merge_adapter(source, hf, dtype=opts.dtype, trained_on=opts.trained_on, double_quant=opts.double_quant,
-                  base_dir=opts.base, verify=False, progress=False, adapter_weights=False)
+    merge_adapter(source, hf, replace(opts.merge_options(), verify=False, progress=False, adapter_weights=False))
     try:
-        out = export_gguf(hf, tmp, [source_type(hf)], stem="base-as-trained", check_tokenizer=False)
+        out = export_gguf(hf, tmp, [source_type(hf)], GGUFOptions(stem="base-as-trained", check_tokenizer=False))
         return out.files[0].path
     finally:
         shutil.rmtree(hf, ignore_errors=True)
@@ -139,11 +144,10 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock, cl
                     "created": datetime.now(UTC).isoformat(timespec="seconds"), "artifacts": []}
     with atomic_dir(out_dir, force=opts.force, lock=lock) as tmp:
         if is_adapter(source):
-            from exporter.merge.plan import merge_adapter
+            from exporter.merge.api import merge_adapter
 
             with clock("merge"):
-                merge_adapter(source, tmp / "merged", merge_base=opts.merge_base, dtype=opts.dtype,
-                              trained_on=opts.trained_on, double_quant=opts.double_quant, base_dir=opts.base)
+                merge_adapter(source, tmp / "merged", opts.merge_options())
             merged_tmp, merged_final = tmp / "merged", out_dir / "merged"
             artifacts.append(merged_final)
         elif (source / "config.json").is_file():

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.errors import LoraxError
+from exporter.gate.evaluate import RefOutputs, Yardstick
 from formats.gguf.quantize import Recipe
 
 
@@ -43,29 +44,29 @@ class Measured:
         return {"name": self.candidate.name, "type": self.candidate.qtype, "bytes": self.bytes, **self.metrics}
 
 
-def measure(candidates: Sequence[Candidate], inter: Path, work: Path, ref_logits, ref_gens, samples, tokenizer,
-            gen_tokens: int = 16, keep: bool = False, progress: bool = True) -> list[Measured]:
-    """Quantize and measure every candidate (one file on disk at a time unless `keep`)."""
-    from tqdm.auto import tqdm
-
+def measure(candidates: Sequence[Candidate], inter: Path, work: Path, yard: Yardstick, ref: RefOutputs,
+            keep: bool = False, show_progress: bool = True) -> list[Measured]:
+    """Quantize every candidate from `inter` and measure it on `yard` against the reference outputs `ref`
+    (one file on disk at a time unless `keep`)."""
     from exporter.gate import metrics
-    from exporter.gate.evaluate import gen_budget, task_accuracy
     from formats.gguf.quantize import quantize_gguf
     from formats.gguf.runner import GGUFRunner
+    from lorax_common.log import progress
 
     out = []
-    for c in tqdm(candidates, desc="quant candidates", unit="file", disable=not progress):
+    gen_tokens = yard.gen_tokens
+    for c in progress(candidates, desc="quant candidates", unit="file", enabled=show_progress):
         path = work / f"cand-{c.name.replace('+', '_').replace('=', '-').replace(',', '')}.gguf"
         quantize_gguf(inter, path, c.qtype, force=True, recipe=c.recipe)
         runner = GGUFRunner(path, name=c.name)
         try:
-            logits = [runner.logits(s.ids) for s in samples]
-            gens = [runner.generate(s.prompt_ids, gen_budget(s, tokenizer, gen_tokens)) for s in samples]
+            got = yard.outputs(runner, c.name)  # batched, as the gate measures the file it ships
         finally:
             runner.close()
-        m = metrics.compare(ref_logits, logits, [s.ids for s in samples]).as_dict()
-        m["greedy_match"] = metrics.greedy_match([g[:gen_tokens] for g in ref_gens], [g[:gen_tokens] for g in gens])
-        acc = task_accuracy(gens, samples, tokenizer)
+        m = metrics.compare(ref.logits, got.logits, [s.ids for s in yard.samples]).as_dict()
+        m["greedy_match"] = metrics.greedy_match([g[:gen_tokens] for g in ref.generations],
+                                                 [g[:gen_tokens] for g in got.generations])
+        acc = yard.accuracy(got.generations)
         if acc is not None:
             m["task_accuracy"] = acc
         out.append(Measured(c, path.stat().st_size, m, path if keep else None))
@@ -88,17 +89,6 @@ def choose(measured: Sequence[Measured], max_kld: float | None = None, max_size:
     if max_kld is None:
         return min(fits, key=lambda m: (m.metrics["kld_mean"], m.bytes))
     return min(fits, key=lambda m: (m.bytes, m.metrics["kld_mean"]))
-
-
-def parse_size(text: str) -> int:
-    """'110MB', '1.2GiB', '123456' -> bytes (MB = 10^6, MiB = 2^20)."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    t = text.strip().lower().replace(" ", "")
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
-    if unit not in units or not num:
-        raise LoraxError(f"--max-size {text!r}: expected a number with B, KB, MB, GB, KiB, MiB or GiB")
-    return int(float(num) * units[unit])
 
 
 def to_markdown(measured: Sequence[Measured], chosen: Measured | None, budget: str) -> str:

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporter.errors import LoraxError
-from exporter.gate.evaluate import Report, run_gate
+from exporter.gate.evaluate import Report, Yardstick, run_gate
 from exporter.gate.registry import lookup
 from exporter.gate.report import write_report
 from exporter.gate.samples import build, load_rows
 from exporter.gate.targets import Target, open_target
+from exporter.merge.api import MergeOptions
 from lorax_common.timing import Stopwatch
 
 
@@ -39,8 +40,11 @@ class GateOptions:
     recipes: dict = field(default_factory=dict)  # GGUF type -> Recipe the target was quantized with (the floor too)
     clock: Stopwatch | None = None  # the caller's stage timing (the export's build); the gate's stages join it
 
-    def merge_kw(self) -> dict:
-        return {"trained_on": self.trained_on, "double_quant": self.double_quant, "base_dir": self.base}
+    def merge_options(self) -> MergeOptions:
+        """How the floor re-merges the adapter when it needs to: as read here, quietly, unverified (the
+        reference already read the same base)."""
+        return MergeOptions(trained_on=self.trained_on, double_quant=self.double_quant, base_dir=self.base,
+                            verify=False, progress=False)
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -110,11 +114,11 @@ def check(source: str | Path, artifacts: list, opts: GateOptions | None = None) 
     # the control needs the merged weights; the floor, a base to quantize (only an adapter reference has one)
     probe = Floor(samples, adapter_dir=source if is_adapter(source) else None,
                   merged_dir=opts.merged_dir or (None if is_adapter(source) else source),
-                  merge_kw=opts.merge_kw(), mode=opts.floor, recipes=opts.recipes)
+                  merge=opts.merge_options(), mode=opts.floor, recipes=opts.recipes)
     try:
         targets = _targets(source, artifacts, opts, probe)
-        report = run_gate(ref, ref.name, targets, samples, ref.tokenizer, where, opts.gen_tokens, opts.overrides,
-                          probe)
+        yard = Yardstick(samples, ref.tokenizer, opts.gen_tokens)
+        report = run_gate(ref, targets, yard, where, opts.overrides, probe)
     finally:
         probe.close()
     if opts.clock is not None:  # one timeline: the export's build stages, then the gate's

@@ -10,14 +10,15 @@ ids fails on that alone, because in use it would see different tokens. Metrics: 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from exporter.gate import metrics
 from exporter.gate.samples import Sample
 from exporter.gate.targets import Target
 from exporter.gate.thresholds import MIN_TAIL_POSITIONS, TAIL_METRICS, limits_for, violations
+from lorax_common.log import progress
 
 
 @dataclass
@@ -71,6 +72,22 @@ class RefOutputs:
     generations: list[list[int]]
 
 
+@dataclass(frozen=True)
+class Yardstick:
+    """What every model is measured on: the held-out samples as the reference tokenizer encodes them, and
+    the greedy window compared per prompt (the gate and `--quant auto` share it)."""
+
+    samples: list[Sample]
+    tokenizer: Any
+    gen_tokens: int = 16
+
+    def outputs(self, runner, desc: str) -> RefOutputs:
+        return run_outputs(runner, self.samples, self.tokenizer, self.gen_tokens, desc)
+
+    def accuracy(self, gens: list[list[int]]) -> float | None:
+        return task_accuracy(gens, self.samples, self.tokenizer)
+
+
 def gen_budget(sample: Sample, tokenizer, gen_tokens: int) -> int:
     """Tokens to generate: enough for the greedy-match window and for the reference answer."""
     if sample.answer is None:
@@ -87,7 +104,7 @@ def run_outputs(runner, samples: list[Sample], tokenizer, gen_tokens: int, desc:
     vocab = max(len(tokenizer), 1)
     logits: list = [None] * len(samples)
     gens: list = [None] * len(samples)
-    with tqdm(total=2 * len(samples), desc=desc, leave=False, unit="row") as bar:
+    with progress(total=2 * len(samples), desc=desc, leave=False, unit="row") as bar:
         for group in plan_batches([len(s.ids) for s in samples], vocab, batch_budget()):
             for i, lg in zip(group, runner.logits_batch([samples[i].ids for i in group]), strict=True):
                 logits[i] = lg
@@ -101,8 +118,8 @@ def run_outputs(runner, samples: list[Sample], tokenizer, gen_tokens: int, desc:
     return RefOutputs(logits, gens)
 
 
-def run_reference(ref, samples: list[Sample], tokenizer, gen_tokens: int) -> RefOutputs:
-    return run_outputs(ref, samples, tokenizer, gen_tokens, f"reference {ref.name}")
+def run_reference(ref, yard: Yardstick) -> RefOutputs:
+    return yard.outputs(ref, f"reference {ref.name}")
 
 
 def answer_correct(gen: list[int], answer: str, tokenizer) -> bool:
@@ -124,12 +141,12 @@ def tokenizer_mismatch(runner, samples: list[Sample]) -> str | None:
     return None
 
 
-def run_target(target: Target, samples: list[Sample], tokenizer, gen_tokens: int):
+def run_target(target: Target, yard: Yardstick):
     """(tokenizer mismatch or None, logits, generations) of one target, loaded for this call only."""
     runner = target.open()
     try:
-        mismatch = tokenizer_mismatch(runner, samples)
-        out = run_outputs(runner, samples, tokenizer, gen_tokens, target.name)
+        mismatch = tokenizer_mismatch(runner, yard.samples)
+        out = yard.outputs(runner, target.name)
         return mismatch, out.logits, out.generations
     finally:
         runner.close()
@@ -141,12 +158,12 @@ def _result(target: Target, metrics_: dict, limits: dict, failures: list[str], *
                         passed, gated=target.gated, note=target.note, **kw)
 
 
-def evaluate_target(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer, gen_tokens: int,
-                    ref_accuracy: float | None, overrides: dict | None = None, floor=None) -> TargetResult:
+def evaluate_target(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: float | None,
+                    overrides: dict | None = None, floor=None) -> TargetResult:
     """One target's row. Anything that stops it from being measured (it does not load, it crashes in its
     runtime) is a failed row carrying the error, so the other targets are still measured and reported."""
     try:
-        row = _evaluate(target, samples, ref, tokenizer, gen_tokens, ref_accuracy, overrides, floor)
+        row = _evaluate(target, yard, ref, ref_accuracy, overrides, floor)
     except Exception as e:  # noqa: BLE001 - an artifact that cannot run is a failed artifact, not a crash
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         row = _result(target, {}, limits_for(target.format, target.dtype, overrides),
@@ -154,11 +171,12 @@ def evaluate_target(target: Target, samples: list[Sample], ref: RefOutputs, toke
     return row
 
 
-def _evaluate(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer, gen_tokens: int,
-              ref_accuracy: float | None, overrides: dict | None, floor) -> TargetResult:
+def _evaluate(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: float | None,
+              overrides: dict | None, floor) -> TargetResult:
     from exporter.gate.floor import applies, relax
 
-    mismatch, logits, gens = run_target(target, samples, tokenizer, gen_tokens)
+    samples, gen_tokens = yard.samples, yard.gen_tokens
+    mismatch, logits, gens = run_target(target, yard)
     failures: list[str] = [mismatch] if mismatch else []
     fixed = list(failures)  # no floor excuses these
     if logits[0].shape[-1] != ref.logits[0].shape[-1]:
@@ -172,7 +190,7 @@ def _evaluate(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer,
     m = parity.as_dict()
     m["greedy_match"] = metrics.greedy_match([g[:gen_tokens] for g in ref.generations],
                                              [g[:gen_tokens] for g in gens])
-    acc = task_accuracy(gens, samples, tokenizer)
+    acc = yard.accuracy(gens)
     if acc is not None:
         m["task_accuracy"] = acc
         m["task_accuracy_drop"] = (ref_accuracy or 0.0) - acc
@@ -194,8 +212,8 @@ def _evaluate(target: Target, samples: list[Sample], ref: RefOutputs, tokenizer,
                    control=control, untested=untested)
 
 
-def run_gate(ref, reference_name: str, targets: list[Target], samples: list[Sample], tokenizer,
-             prompts_source: str, gen_tokens: int = 16, overrides: dict | None = None, floor=None) -> Report:
+def run_gate(ref, targets: list[Target], yard: Yardstick, prompts_source: str, overrides: dict | None = None,
+             floor=None) -> Report:
     """Reference outputs once, then each target loaded, measured and closed in turn."""
     from exporter.gate.fast_reference import dequantize_once
     from lorax_common.timing import Stopwatch
@@ -203,21 +221,21 @@ def run_gate(ref, reference_name: str, targets: list[Target], samples: list[Samp
 
     clock = Stopwatch()
     with clock("reference"):
-        path = dequantize_once(ref, samples[0].ids)
-        ref_out = run_reference(ref, samples, tokenizer, gen_tokens)
+        path = dequantize_once(ref, yard.samples[0].ids)
+        ref_out = run_reference(ref, yard)
         ref.close()  # only its outputs are needed from here on: peak memory is one loaded model at a time
-    ref_acc = task_accuracy(ref_out.generations, samples, tokenizer)
+    ref_acc = yard.accuracy(ref_out.generations)
     results = []
-    for t in tqdm(targets, desc="gate", unit="target"):
+    for t in progress(targets, desc="gate", unit="target"):
         with clock(t.name):
-            results.append(evaluate_target(t, samples, ref_out, tokenizer, gen_tokens, ref_acc, overrides, floor))
+            results.append(evaluate_target(t, yard, ref_out, ref_acc, overrides, floor))
     return Report(
         passed=all(r.passed for r in results if r.gated),
-        reference=reference_name,
+        reference=ref.name,
         prompts=prompts_source,
-        samples=len(samples),
-        tokens=sum(len(s.ids) for s in samples),
-        gen_tokens=gen_tokens,
+        samples=len(yard.samples),
+        tokens=sum(len(s.ids) for s in yard.samples),
+        gen_tokens=yard.gen_tokens,
         targets=results,
         reference_task_accuracy=ref_acc,
         versions=package_versions(),

@@ -34,7 +34,8 @@ import numpy as np
 from exporter.gate import metrics
 from exporter.gate.registry import lookup
 from exporter.gate.samples import Sample
-from exporter.gate.thresholds import FLOOR_CAP, limits_for, violations
+from exporter.gate.thresholds import FLOOR_CAP, FLOOR_MODES, limits_for, violations
+from exporter.merge.api import MergeOptions
 
 # metric -> (kind, amount): "x" multiplies the floor's value (a maximum), "-" subtracts from it (a minimum).
 MARGIN: dict[str, tuple[str, float]] = {
@@ -43,8 +44,6 @@ MARGIN: dict[str, tuple[str, float]] = {
     "top1": ("-", 0.02),
     "ppl_ratio": ("x", 1.05),
 }
-
-FLOOR_MODES = ("auto", "always", "off")
 
 
 def applies(fmt: str, dtype: str) -> bool:
@@ -93,7 +92,7 @@ class Floor:
     (format, type) the control and floor files; every measurement is cached for the gate's run."""
 
     def __init__(self, samples: list[Sample], *, adapter_dir: Path | None = None, merged_dir: Path | None = None,
-                 merge_kw: dict | None = None, mode: str = "auto", recipes: dict | None = None) -> None:
+                 merge: MergeOptions | None = None, mode: str = "auto", recipes: dict | None = None) -> None:
         if mode not in FLOOR_MODES:
             raise ValueError(f"--floor {mode!r}: expected one of {', '.join(FLOOR_MODES)}")
         if adapter_dir is None and merged_dir is None:
@@ -101,7 +100,7 @@ class Floor:
         self.samples, self.mode = samples, mode
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self._merged = Path(merged_dir) if merged_dir else None
-        self.merge_kw = merge_kw or {}
+        self.merge = merge or MergeOptions(verify=False, progress=False)
         self.recipes = recipes or {}  # GGUF type -> the target's Recipe: the floor file is quantized the same way
         self._work: Path | None = None
         self._base_logits: list[np.ndarray] | None = None
@@ -121,20 +120,20 @@ class Floor:
     def merged(self) -> Path:
         """The merged weights the target was made from (given by the pipeline, else merged here)."""
         if self._merged is None:
-            from exporter.merge.plan import merge_adapter
+            from exporter.merge.api import merge_adapter
 
-            self._merged = merge_adapter(self.adapter_dir, self.work / "merged", verify=False, progress=False,
-                                         **self.merge_kw)
+            self._merged = merge_adapter(self.adapter_dir, self.work / "merged", self.merge)
         return self._merged
 
     def base_as_trained(self) -> Path:
         """The base exactly as training computed with it, without the adapter."""
         out = self.work / "base-as-trained"
         if not out.exists():
-            from exporter.merge.plan import merge_adapter
+            from dataclasses import replace
 
-            merge_adapter(self.adapter_dir, out, verify=False, progress=False, adapter_weights=False,
-                          **self.merge_kw)
+            from exporter.merge.api import merge_adapter
+
+            merge_adapter(self.adapter_dir, out, replace(self.merge, adapter_weights=False))
         return out
 
     def _logits(self, fmt: str, path: Path) -> list[np.ndarray]:
@@ -184,8 +183,8 @@ class Floor:
         from exporter.gate.registry import build
         from formats.gguf.writer import source_type
 
-        base = read_adapter(self.adapter_dir, self.merge_kw.get("trained_on"), self.merge_kw.get("double_quant", False),
-                            self.merge_kw.get("base_dir")).base_dir
+        m = self.merge
+        base = read_adapter(self.adapter_dir, m.trained_on, m.double_quant, m.base_dir).base_dir
         return build("gguf", base, source_type(base), self.work, "original-base")
 
     def close(self) -> None:

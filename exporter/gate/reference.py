@@ -20,9 +20,7 @@ from exporter.errors import LoraxError
 from lorax_common import base_as_trained, record
 from lorax_common.errors import UserError
 from lorax_common.files import check_tokenizer_files, read_json_object, safetensors_header, weight_files
-
-TRAINED_ON = ("nf4", "fp4", "none")
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+from lorax_common.record import FLOAT_DTYPES, TRAINED_ON
 
 # PEFT types other than plain LoRA, by the name users know them by: merging them needs other math.
 PEFT_TYPE_NAMES = {"LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3", "ADALORA": "AdaLoRA", "VERA": "VeRA",

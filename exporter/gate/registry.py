@@ -106,10 +106,10 @@ def normalise_quants(quants: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 
 def _build_gguf(hf_dir: Path, dtype: str, work: Path, stem: str, recipe=None) -> Path:
-    from formats.gguf.export import export_gguf
+    from formats.gguf.export import GGUFOptions, export_gguf
 
-    out = export_gguf(hf_dir, work / f"{stem}-gguf", [dtype], stem=stem, force=True, check_tokenizer=False,
-                      progress=False, recipes={dtype: recipe} if recipe is not None else None)
+    out = export_gguf(hf_dir, work / f"{stem}-gguf", [dtype], GGUFOptions(stem=stem, force=True, check_tokenizer=False,
+                      progress=False, recipes={dtype: recipe} if recipe is not None else {}))
     return out.files[0].path
 
 

@@ -32,6 +32,8 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 # p99 1.5 -> 4.89 (x3.26), q8_0 p99 0.15 -> 0.224 (x1.49); top-1 and PPL never needed relaxing there. The
 # tiny random models of all four architectures need far less (their floors are < 1e-2). A floor past the cap
 # means the type destroys this model: the target fails instead of being excused.
+# --floor: relax a failed lossy type up to its floor (auto), always measure the floor, or never
+FLOOR_MODES = ("auto", "always", "off")
 FLOOR_CAP: dict[str, tuple[str, float]] = {
     "kld_mean": ("x", 2.0),
     "kld_p99": ("x", 4.0),

@@ -1,26 +1,20 @@
-"""`lorax merge ADAPTER --out DIR`: fold a LoRA adapter into full weights, exactly as it was trained.
+"""The merge plan (`lorax merge ADAPTER --out DIR`, step 1 of 2): which base tensor gets which LoRA terms.
 
-    lorax merge adapter/ --out merged/                        # QLoRA adapter: --merge-base quantized
-    lorax merge adapter/ --out merged/ --merge-base auto      # build both bases, keep the closer one
-    lorax merge peft_dir/ --out merged/ --trained-on nf4      # a plain PEFT adapter (no lorax.json)
-
-    from exporter.merge.plan import merge_adapter                  # what `lorax export` calls
-    merge_adapter("adapter/", "merged/")
+    plan = build_plan(info, adapter_tensors, base_tensors, layout, "quantized")   # pure: refuses or plans
+    exporter.merge.stream.write_weights(plan, ...)                                # step 2: execute it
 
 A QLoRA adapter was trained on top of dequant(NF4(W)), not on W: folding it into W ships a model that
-differs from the trained one (SmolLM2: mean KLD 0.46 for the base alone, ../shared/DESIGN.md). So every
-weight bitsandbytes quantized in training is re-created bit for bit (exporter.merge.quant4), dequantized, and
-the adapter added in float32: W' = deq(q(W)) + scale * B @ A. The base is streamed tensor by tensor in
-row chunks (exporter.merge.io), so peak memory is about one chunk, not the model.
+differs from the trained one (SmolLM2: mean KLD 0.46 for the base alone, ../shared/DESIGN.md). So the plan
+marks every weight bitsandbytes quantized in training for a bit-exact 4-bit round trip before the adapter
+is added in float32: W' = deq(q(W)) + scale * B @ A. Planning reads no base weights (only names, shapes,
+dtypes), so every refusal happens before anything is written, as mergekit plans before it executes.
+The entry point, `merge_adapter`, lives in exporter.merge.api.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import shutil
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +23,7 @@ import torch
 
 from exporter.errors import LoraxError
 from exporter.gate.reference import AdapterInfo, BaseLayout
-from exporter.merge.io import Buffers, read_job_rows, row_ranges
-
-MERGE_BASES = ("auto", "quantized", "original")
-DEFAULT_SHARD_BYTES = 5 * 1024**3
+from lorax_common.record import MERGE_BASES
 
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\."
                       r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(?P<param>weight|bias))?$")
@@ -182,128 +173,6 @@ def build_plan(info: AdapterInfo, adapter: dict[str, torch.Tensor], base: list, 
     return Plan(list(jobs.values()), untie, counts)
 
 
-# ---- streaming ---------------------------------------------------------------------------------------
-
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in t: max and min propagate NaN and are two cheap passes (isfinite().all() was 15x slower)."""
-    return bool(torch.isfinite(t.amax())) and bool(torch.isfinite(t.amin())) if t.numel() else True
-
-
-@dataclass
-class _Ctx:
-    """What every stripe of a merge needs: quantization spec, output dtype, the worker pool, buffers."""
-
-    spec: Any
-    out_dtype: torch.dtype
-    pool: Any  # ThreadPoolExecutor, one worker per core, torch ops single-threaded inside
-    workers: int
-    scratch: Buffers = field(default_factory=Buffers)
-    ring: Buffers = field(default_factory=lambda: Buffers(ring=3))  # queue depth 1 + writing + filling
-
-
-def _stripe(job: Job, rows: tuple[int, int] | None, spec, scale: torch.Tensor | None, f32: torch.Tensor,
-            out: torch.Tensor) -> None:
-    """Rows of one output tensor: read, (4-bit round trip), fold, check, cast into `out`. Single-threaded."""
-    from exporter.merge import quant4
-
-    with quant4.serial():
-        src = read_job_rows(job, rows)
-        if job.quantized:
-            quant4.round_trip(src, spec, out=f32, scale=scale)
-        else:
-            f32.copy_(src)
-        r0, r1 = rows or (0, job.shape[0] if job.shape else 0)
-        for t in job.terms:
-            if t.transpose:
-                fold(f32, t.a[:, r0:r1], t.b, t.scale, transpose=True)
-            else:
-                fold(f32, t.a, t.b[r0:r1], t.scale)
-        for lb, s in job.bias_adds:
-            f32.add_(lb, alpha=s)
-        lo, hi = (f32.amin(), f32.amax()) if f32.numel() else (torch.zeros(()), torch.zeros(()))
-        if not (torch.isfinite(lo) and torch.isfinite(hi)):  # min and max propagate NaN: two cheap passes
-            raise LoraxError(f"merged tensor {job.name} has NaN/Inf values; the adapter (or base) weights are "
-                             "broken, so nothing was written")
-        if out is not f32:
-            # The cast overflows exactly when the extreme values do (isfinite().all() on all was 15x slower).
-            if not torch.isfinite(torch.stack([lo, hi]).to(out.dtype)).all():
-                raise LoraxError(f"merged tensor {job.name} overflows {str(out.dtype).removeprefix('torch.')}; "
-                                 "use --dtype float32 (or bfloat16)")
-            out.copy_(f32)
-
-
-def merge_job(job: Job, ctx: _Ctx, emit) -> None:
-    """Stream one output tensor chunk by chunk into emit(); each chunk's rows are split over the cores."""
-    from exporter.merge import quant4
-
-    spec = ctx.spec
-    target = ctx.out_dtype if job.dtype.is_floating_point else job.dtype
-    untouched = not (job.quantized or job.terms or job.bias_adds) and target == job.dtype
-    align = 1
-    if job.quantized:
-        row_elems = math.prod(job.shape[1:]) if len(job.shape) > 1 else 1
-        align = spec.blocksize // math.gcd(row_elems, spec.blocksize)  # stripes hold whole 4-bit blocks
-    ranges = row_ranges(job, align)
-    scale = None
-    if job.quantized and spec.double_quant:  # double quant scales depend on every block's absmax
-        def absmax(rows):
-            with quant4.serial():
-                return quant4.block_absmax(read_job_rows(job, rows), spec)
-
-        scale = quant4.effective_absmax(torch.cat(list(ctx.pool.map(absmax, ranges))), spec)
-    for rows in ranges:
-        if untouched or not job.dtype.is_floating_point:  # copied as stored
-            src = read_job_rows(job, rows)
-            if job.dtype.is_floating_point and not _finite(src):
-                raise LoraxError(f"base tensor {job.name} has NaN/Inf values; the base checkpoint is broken")
-            emit(job.name, src)
-            continue
-        r0, r1 = rows or (0, job.shape[0] if job.shape else 0)
-        shape = (r1 - r0, *job.shape[1:]) if job.shape else ()
-        out = ctx.ring.get(shape, target)
-        f32 = out if target == torch.float32 else ctx.scratch.get(shape, torch.float32)
-        if rows is None or r1 - r0 < 2 * align:
-            _stripe(job, rows, spec, scale, f32, out)
-        else:
-            row_elems = math.prod(job.shape[1:])
-            cuts = [r0 + (r1 - r0) * i // ctx.workers // align * align for i in range(ctx.workers)] + [r1]
-            futures = []
-            for a, b in zip(cuts, cuts[1:], strict=False):
-                if b > a:
-                    sc = None if scale is None else scale[a * row_elems // spec.blocksize:b * row_elems // spec.blocksize]
-                    futures.append(ctx.pool.submit(_stripe, job, (a, b), spec, sc, f32[a - r0:b - r0], out[a - r0:b - r0]))
-            for fut in futures:
-                fut.result()
-        emit(job.name, out)
-
-
-def write_weights(plan: Plan, info: AdapterInfo, out_dir: Path, out_dtype: torch.dtype, max_shard_bytes: int,
-                  progress: bool = True) -> dict[str, str]:
-    """Run every job into sharded safetensors under out_dir; returns {file name: sha256}.
-
-    Torch ops run single-threaded on one worker per core (per-op OpenMP fork/join stalls on a busy
-    machine), and a writer thread writes and hashes chunk k while the workers compute chunk k + 1."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    from exporter.merge import quant4
-    from formats.hf.writer import AsyncWriter, ShardedWriter, TensorSpec
-
-    spec = info.trained_on.quant_spec() if info.trained_on.quantized else None
-    specs = [TensorSpec(j.name, out_dtype if j.dtype.is_floating_point else j.dtype, j.shape) for j in plan.jobs]
-    writer = AsyncWriter(ShardedWriter(out_dir, specs, max_shard_bytes))
-    with quant4.single_threaded_ops() as cores, ThreadPoolExecutor(cores) as pool, \
-            tqdm(plan.jobs, desc="merge", unit="tensor", disable=not progress) as bar:  # closes before errors print
-        ctx = _Ctx(spec, out_dtype, pool, cores)
-        try:
-            for job in bar:
-                merge_job(job, ctx, writer.write)
-            return writer.close()
-        finally:
-            writer.abort()
-
-
 def resolve_merge_base(requested: str | None, info: AdapterInfo) -> str:
     """Default: the base as trained. `quantized` means nothing for an adapter trained without 4-bit."""
     if requested is None:
@@ -319,99 +188,9 @@ def resolve_merge_base(requested: str | None, info: AdapterInfo) -> str:
     return requested
 
 
-def verify_base(info: AdapterInfo, stop: threading.Event | None = None) -> None:
-    """Refuse a base whose weight files changed since training (lorax.json records their sha256)."""
-    from lorax_common.hashing import sha256_file
-
-    for name, digest in ((info.lorax.base if info.lorax else {}).get("files") or {}).items():
-        path = info.base_dir / name
-        actual = sha256_file(path, stop) if path.exists() else None
-        if stop and stop.is_set():
-            return
-        if actual != digest:
-            raise LoraxError(f"base file {path} is missing or differs from the one the adapter was trained on "
-                             "(sha256 in lorax.json); merge against that exact base, or pass --no-verify-base")
-
-
 def default_dtype(info: AdapterInfo) -> str:
     """The dtype training computed in: a QLoRA step runs dequant(NF4(W)) + B@A in the compute dtype, so only
     that dtype holds the trained model exactly (SmolLM2 QLoRA, a bf16 merge of a float32-computed run: mean
     KLD 3.6e-3, p99 0.056 against the trained model). Smaller storage is opt-in with --dtype, and gated."""
     t = info.trained_on
     return t.compute_dtype if t.quantized else t.load_dtype
-
-
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, merge_base: str | None = None,
-                  dtype: str | None = None, trained_on: str | None = None, double_quant: bool = False,
-                  base_dir: str | Path | None = None, force: bool = False, verify: bool = True,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
-                  adapter_weights: bool = True) -> Path:
-    """Merge an adapter into full weights at out_dir (complete or absent: built aside, renamed at the end).
-
-    `adapter_weights=False` writes the base exactly as training computed with it and nothing of the adapter
-    (the gate's quantization floor, exporter.gate.floor, quantizes it)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from safetensors.torch import load_file
-
-    from exporter.gate.reference import FLOAT_DTYPES, base_layout, read_adapter
-    from exporter.merge.io import base_tensors, write_support_files
-    from formats.fsutil import atomic_dir, refuse_existing
-    from lorax_common.outputs import output_lock, refuse_overlap
-
-    out_dir = Path(out_dir)
-    info = read_adapter(adapter_dir, trained_on, double_quant, base_dir)
-    # --force replaces the output, never an input: `--out base/` would delete the base mid-merge
-    refuse_overlap(out_dir, [info.adapter_dir, info.base_dir])
-    refuse_existing(out_dir, force)  # before any heavy work; atomic_dir checks again
-    with output_lock(out_dir) as lock:  # for the whole run: a second merge to the same --out fails at once
-        mode = resolve_merge_base(merge_base, info)
-        out_dtype = dtype or default_dtype(info)
-        if out_dtype not in FLOAT_DTYPES:
-            raise LoraxError(f"--dtype {out_dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
-        adapter = load_file(info.adapter_dir / "adapter_model.safetensors") if adapter_weights else {}
-        base = base_tensors(info.base_dir)
-        layout = base_layout(info.base_dir, info.trained_on)
-        # Every refusal the plan can raise happens here, before anything is written.
-        plans = {m: build_plan(info, adapter, base, layout, m)
-                 for m in (("quantized", "original") if mode == "auto" else (mode,))}
-        torch_dtype = getattr(torch, out_dtype)
-        # Hashing the base overlaps the merge (hashlib and file reads release the GIL); checked before the rename.
-        checker, stop = ThreadPoolExecutor(1, thread_name_prefix="lorax-verify"), threading.Event()
-        verified = checker.submit(verify_base, info, stop) if verify else None
-        try:
-            with atomic_dir(out_dir, force, lock=lock) as tmp:
-                dirs = {m: (tmp / f".candidate-{m}" if mode == "auto" else tmp) for m in plans}
-                digests = {}
-                for m, plan in plans.items():
-                    dirs[m].mkdir(exist_ok=True)
-                    digests[m] = write_weights(plan, info, dirs[m], torch_dtype, max_shard_bytes, progress)
-                    write_support_files(info, dirs[m], out_dtype, plan.untied)
-                if verified is not None:
-                    verified.result()
-                _finish(info, mode, merge_base, out_dtype, plans, dirs, digests, tmp)
-        finally:
-            stop.set()  # a failed merge does not wait for the hash
-            checker.shutdown(wait=False, cancel_futures=True)
-    return out_dir
-
-
-def _finish(info: AdapterInfo, mode: str, requested: str | None, out_dtype: str, plans: dict[str, Plan],
-            dirs: dict[str, Path], digests: dict[str, dict[str, str]], tmp: Path) -> None:
-    """Keep the chosen candidate (auto: the one closer to the trained model) and write lorax.json."""
-    from exporter.gate.reference import score_candidates
-    from exporter.merge.io import lorax_record
-
-    chosen = mode
-    merge: dict[str, Any] = {"merge_base": mode, "requested": requested or "default", "dtype": out_dtype}
-    if mode == "auto":
-        scores = score_candidates(info, dirs)
-        chosen = min(scores, key=lambda m: (scores[m]["kld_mean"], -scores[m]["top1"]))
-        for p in dirs[chosen].iterdir():
-            p.rename(tmp / p.name)
-        for d in dirs.values():
-            shutil.rmtree(d)
-        merge.update(merge_base=chosen, candidates=scores)
-    merge.update(counts=plans[chosen].counts, untied_embeddings=plans[chosen].untied, notes=info.notes)
-    record = lorax_record(info, tmp, merge, digests[chosen])
-    (tmp / "lorax.json").write_text(json.dumps(record, indent=2) + "\n")

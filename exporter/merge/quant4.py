@@ -147,12 +147,10 @@ def single_threaded_ops():
     Per-op OpenMP fork/join across both cores cost more than the work on chunk-sized ops, and on a
     shared, busy machine one descheduled OpenMP thread stalls every op (measured 0.2x bnb's speed).
     """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from lorax_common.scoped import torch_threads
+
+    with torch_threads(1) as n:
         yield n
-    finally:
-        torch.set_num_threads(n)
 
 
 class _Workspace:

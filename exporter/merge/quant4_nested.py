@@ -18,7 +18,9 @@ import functools
 import torch
 
 NESTED_BLOCKSIZE = 256  # bnb's double quantization always uses blocks of 256 absmax values
-_DEFAULT_THREADS = torch.get_num_threads()  # captured before any caller narrows torch's thread pool
+# torch's default thread count, as training had it: read (never set) at import, before any scoped
+# lorax_common.scoped.torch_threads() narrows it for a step
+_DEFAULT_THREADS = torch.get_num_threads()
 
 
 @functools.cache
@@ -84,12 +86,10 @@ def _quantize_8bit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def double_quantize(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, ...]:
     """Double quantization of the absmax vector: (dequantized absmax, codes, offset, nested absmax)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or _DEFAULT_THREADS)  # the reduction order bnb's mean() had
-    try:
+    from lorax_common.scoped import torch_threads
+
+    with torch_threads(threads or _DEFAULT_THREADS):  # the reduction order bnb's mean() had
         offset = absmax.mean()
-    finally:
-        torch.set_num_threads(before)
     q, absmax2 = _quantize_8bit(absmax - offset)
     return dequantize_nested(q, absmax2, offset), q, offset, absmax2
 

@@ -69,16 +69,28 @@ def parse_quants(quants: Sequence[str]) -> list[str]:
     return out
 
 
-def export_gguf(hf_dir: str | Path, out_dir: str | Path, quants: Sequence[str] = ("f16",), *,
-                adapter_dir: str | Path | None = None, stem: str = "model", name: str | None = None,
-                force: bool = False, check_tokenizer: bool = True, progress: bool = True,
-                nthread: int | None = None, recipes: dict[str, Recipe] | None = None) -> GGUFExport:
-    """Write `{stem}-{type}.gguf` per quant type (and `{stem}-lora-f32.gguf` for `adapter_dir`) into out_dir;
-    `recipes` gives a libllama type its importance matrix / tensor types (formats.gguf.quantize.Recipe)."""
+@dataclass(frozen=True)
+class GGUFOptions:
+    adapter_dir: str | Path | None = None  # also write the adapter alone as {stem}-lora-f32.gguf
+    stem: str = "model"  # files are {stem}-{type}.gguf
+    name: str | None = None  # general.name (default: from the config)
+    force: bool = False  # replace existing files of the same names
+    check_tokenizer: bool = True  # the tokenizer conformance check on the first file written
+    progress: bool = True
+    nthread: int | None = None  # libllama quantizer threads (None: all cores)
+    # a libllama type's importance matrix / tensor types (formats.gguf.quantize.Recipe)
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+
+
+def export_gguf(hf_dir: str | Path, out_dir: str | Path, quants: Sequence[str] = ("f16",),
+                opts: GGUFOptions = GGUFOptions()) -> GGUFExport:
+    """Write `{stem}-{type}.gguf` per quant type (and `{stem}-lora-f32.gguf` for `opts.adapter_dir`) into
+    out_dir."""
     from formats.gguf.conformance import check_tokenizer as conformance
     from formats.gguf.tokenizer import load_hf_tokenizer, load_vocab
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    adapter_dir, stem, force, progress = opts.adapter_dir, opts.stem, opts.force, opts.progress
     qs = parse_quants(quants)
     targets = {q: out_dir / f"{stem}-{q}.gguf" for q in qs}
     if adapter_dir is not None:
@@ -105,13 +117,13 @@ def export_gguf(hf_dir: str | Path, out_dir: str | Path, quants: Sequence[str] =
         warnings: list[str] = caveats(cfg)
         probes = 0
         for i, (q, path) in enumerate(writes):
-            write_gguf(hf_dir, path, q, vocab=vocab, name=name, progress=progress)
-            if i == 0 and check_tokenizer:
+            write_gguf(hf_dir, path, q, vocab=vocab, name=opts.name, progress=progress)
+            if i == 0 and opts.check_tokenizer:
                 # every model file carries the same vocabulary (libllama copies it), so one check covers all
                 report = conformance(tok, path)
                 probes, warnings = report.probes, warnings + report.warnings
         for q in libllama:
-            warnings += quantize_gguf(inter, staged[q], q, nthread=nthread, recipe=(recipes or {}).get(q))
+            warnings += quantize_gguf(inter, staged[q], q, nthread=opts.nthread, recipe=opts.recipes.get(q))
         if adapter_dir is not None:
             write_lora_gguf(adapter_dir, hf_dir, staged["lora"], progress=progress)
 

@@ -65,10 +65,10 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
     """Run `sequences` (token ids, one forward each, no padding) through the HF model at `hf_dir` and sum x²
     per input column of every nn.Linear that has a GGUF name; stops after `token_budget` tokens."""
     import torch
-    from tqdm.auto import tqdm
 
     from formats.gguf.arch import arch_spec, gguf_tensor_name, hparams
     from formats.gguf.writer import read_config
+    from lorax_common.log import progress as bar_of
 
     if token_budget < 1:
         raise FormatError(f"imatrix token budget must be at least 1, got {token_budget}")
@@ -100,7 +100,7 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
             hooks.append(mod.register_forward_pre_hook(hook_for(mapped[0])))
     seen, chunks, longest = 0, 0, 0
     try:
-        with torch.inference_mode(), tqdm(total=token_budget, desc="imatrix", unit="tok", disable=not progress,
+        with torch.inference_mode(), bar_of(total=token_budget, desc="imatrix", unit="tok", enabled=progress,
                                           leave=False) as bar:
             for ids in sequences:
                 ids = list(ids)[: token_budget - seen]

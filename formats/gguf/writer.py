@@ -226,7 +226,7 @@ def write_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
 def write_streamed(w: GGUFWriter, plans: list[TensorPlan], out_path: Path, *, force: bool, desc: str,
                    progress: bool) -> None:
     """Write a GGUF whose metadata is already in `w`: tensor index from `plans`, then data tensor by tensor."""
-    from tqdm import tqdm
+    from lorax_common.log import progress as bar_of
 
     for p in plans:
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
@@ -236,7 +236,7 @@ def write_streamed(w: GGUFWriter, plans: list[TensorPlan], out_path: Path, *, fo
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             total = sum(p.nbytes for p in plans)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+            with bar_of(total=total, unit="B", unit_scale=True, desc=desc, enabled=progress) as bar:
                 for p in plans:
                     w.write_tensor_data(_StreamedTensor(p, bar))  # type: ignore[arg-type]
         finally:

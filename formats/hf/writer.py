@@ -131,7 +131,7 @@ class AsyncWriter:
     """A ShardedWriter fed through a one-slot queue: writing and hashing chunk k overlaps computing k + 1.
 
     The caller must not reuse a tensor it passed until two more have been passed (one queued, one being
-    written): exporter.merge.plan rotates three output buffers for that."""
+    written): exporter.merge.stream rotates three output buffers for that."""
 
     def __init__(self, writer: ShardedWriter) -> None:
         import queue

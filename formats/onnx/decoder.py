@@ -17,6 +17,7 @@ import torch
 from torch.export import Dim
 
 from formats.onnx import layout
+from lorax_common.scoped import logger_level
 
 # Sample sizes for tracing: all >= 2, so torch.export keeps every axis symbolic (it specializes
 # sizes 0 and 1); the graph still runs with past length 0 (prefill) and sequence length 1 (decode).
@@ -98,9 +99,9 @@ def trace_decoder(hf_dir: Path, dest: Path, dtype: str = "float32", opset: int |
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype, attn_implementation="sdpa").eval()
     geom = layout.cache_geometry(model.config.to_dict())
     args, dynamic_shapes = trace_inputs(geom, model.config.vocab_size, torch_dtype)
-    # torch.onnx warns once per torchvision op it cannot register: noise for a decoder.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with torch.no_grad():
+    # torch.onnx warns once per torchvision op it cannot register: noise for a decoder (silenced for this
+    # export only; the caller's torch.onnx logging is back afterwards)
+    with torch.no_grad(), logger_level("torch.onnx", logging.ERROR):
         program = torch.onnx.export(
             DecoderWithCache(model).eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
             opset_version=opset, input_names=layout.input_names(geom.layers),

@@ -75,13 +75,12 @@ def export_onnx(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
         # float16 base would only add casts around every quantized MatMul.
         raise FormatError(f"--onnx-quant {quant} quantizes the float32 graph; drop --onnx-dtype {dtype}")
 
-    from tqdm import tqdm
-
     from formats.onnx.decoder import trace_decoder
+    from lorax_common.log import progress
 
     primary = quant or dtype
     stages = ["trace"] + (["quantize"] if quant else []) + ["side files"]
-    with atomic_dir(out_dir, force=force) as tmp, tqdm(total=len(stages), desc="onnx export", unit="step") as bar:
+    with atomic_dir(out_dir, force=force) as tmp, progress(total=len(stages), desc="onnx export", unit="step") as bar:
         traced = bundle.graph_path(tmp, dtype)
         bar.set_postfix_str(f"tracing {config['model_type']} ({dtype})")
         trace_decoder(hf_dir, traced, dtype=dtype, opset=opset, external_data=external_data)
