@@ -21,7 +21,7 @@ from typing import Any
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 # the packages whose module loggers the CLI shows (third-party loggers keep their own settings)
 PACKAGES = ("exporter", "formats", "train", "lorax_common")
-LEVELS = {QUIET: logging.ERROR, NORMAL: logging.WARNING, VERBOSE: logging.DEBUG}
+LEVELS = {QUIET: logging.ERROR, NORMAL: logging.INFO, VERBOSE: logging.DEBUG}
 
 _level: contextvars.ContextVar[int] = contextvars.ContextVar("lorax_verbosity", default=NORMAL)
 

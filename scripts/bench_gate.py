@@ -1,11 +1,17 @@
 """Time the parity gate of an existing export, as `lorax export` runs it (same targets, floor and control).
 
     python scripts/bench_gate.py --adapter demo/adapter --dist demo/dist [--report-dir /tmp/gate] [--json out.json]
+    python scripts/bench_gate.py --adapter demo/adapter --hand-loop demo/dist/model-q8_0.gguf --max-samples 8
 
 Rebuilds the export's gate from dist/lorax.json (each artifact of kind model/base, the LoRA GGUF applied to
 the base-as-trained GGUF) and runs it into --report-dir (never into dist/), printing the wall time, the
 report's stage timings when it has them, the verdicts and the metrics, so two builds of lorax can be
 compared on the same files: the metrics must agree and the time is the point.
+
+--hand-loop GGUF times, in one process and on the same samples, what a user would check by hand (the PEFT
+model on its 4-bit base, then the GGUF in llama-cpp-python: teacher-forced logits and 16 greedy tokens per
+prompt, one prompt at a time) against `lorax check ADAPTER GGUF` computing its reference, and against a
+second `lorax check` that reuses the stored reference outputs.
 """
 
 from __future__ import annotations
@@ -33,14 +39,79 @@ def gate_targets(dist: Path) -> tuple[list, Path | None]:
             for p in paths], lora
 
 
+def hand_loop(adapter: Path, gguf: Path, samples, gen_tokens: int = 16) -> float:
+    """Seconds for the loop a user writes without lorax: the trained model, then the GGUF, prompt by prompt."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from peft import PeftModel
+
+    from exporter.gate.reference import read_adapter
+    from lorax_common import base_as_trained
+
+    t0 = time.perf_counter()
+    info = read_adapter(adapter)
+    base = base_as_trained.load(info.base_dir, info.trained_on.quantization(), info.trained_on.load_dtype)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.inference_mode():
+        for s in samples:
+            model(torch.tensor([s.ids])).logits.float().numpy()
+            model.generate(torch.tensor([s.prompt_ids]), max_new_tokens=gen_tokens, do_sample=False)
+    del model, base
+    llm = Llama(str(gguf), n_ctx=2048, logits_all=True, verbose=False)
+    for s in samples:
+        llm.reset()
+        llm.eval(s.ids)
+        np.array(llm.scores[: len(s.ids)])
+        llm.reset()
+        llm.eval(s.prompt_ids)
+        for _ in range(gen_tokens):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    llm.close()
+    return time.perf_counter() - t0
+
+
+def compare_with_hand_loop(args) -> None:
+    import os
+
+    from exporter.gate.check import GateOptions, check
+    from exporter.gate.reference import load_tokenizer, read_adapter
+    from exporter.gate.samples import build, load_rows
+
+    tok = load_tokenizer(read_adapter(args.adapter))
+    samples = build(load_rows(None, args.adapter)[0], tok, max_samples=args.max_samples)
+    store = Path(tempfile.mkdtemp(prefix="lorax-bench-store-"))
+    os.environ["LORAX_REFERENCE_CACHE"] = str(store)  # a fresh store: the first check computes, the second reuses
+    hand = hand_loop(args.adapter, args.hand_loop, samples)
+    times, reports = [], []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        reports.append(check(args.adapter, [args.hand_loop], GateOptions(floor="off", max_samples=args.max_samples)))
+        times.append(time.perf_counter() - t0)
+    same = reports[0].targets[0].metrics == reports[1].targets[0].metrics
+    out = {"samples": len(samples), "hand_loop_s": round(hand, 1), "check_s": round(times[0], 1),
+           "check_reused_s": round(times[1], 1), "check_over_hand": round(times[0] / hand, 2),
+           "reused_over_hand": round(times[1] / hand, 2), "same_metrics": same,
+           "reused": reports[1].reference_path.get("outputs", {}).get("reused")}
+    print(json.dumps(out, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", required=True, type=Path)
-    ap.add_argument("--dist", required=True, type=Path)
+    ap.add_argument("--dist", type=Path)
+    ap.add_argument("--hand-loop", type=Path, metavar="GGUF", help="compare `lorax check` of this GGUF with a hand loop")
     ap.add_argument("--report-dir", type=Path)
     ap.add_argument("--max-samples", type=int, default=16)
     ap.add_argument("--json", type=Path, help="write wall time, verdicts and metrics here")
     args = ap.parse_args()
+    if args.hand_loop:
+        compare_with_hand_loop(args)
+        return
+    if args.dist is None:
+        ap.error("--dist is required without --hand-loop")
 
     from exporter.export.gguf_build import recipes_from_record
     from exporter.gate.check import GateOptions, check

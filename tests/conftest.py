@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every gate in a test computes its own reference (a fault planted in one must not be masked by outputs a
+# previous test stored); tests/test_reference_store.py switches reuse on, in a temp dir, where it is tested.
+os.environ.setdefault("LORAX_REFERENCE_CACHE", "off")
 
 from tiny_models import TinySpec, build_tiny_model  # noqa: E402
 

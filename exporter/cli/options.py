@@ -76,6 +76,9 @@ gate_options = _group(
     click.option("--floor", type=click.Choice(FLOOR_MODES), default="auto", show_default=True,
                  help="Quantization floor for lossy GGUF/ONNX types: when a table limit fails, measure the same "
                       "type on the base as trained and allow up to that loss (auto); always measure; or never."),
+    click.option("--fresh-reference", "reuse_reference", flag_value=False, default=True,
+                 help="Recompute the reference outputs even when a run on the same adapter, base, samples and "
+                      "versions stored them ($LORAX_CACHE/reference; LORAX_REFERENCE_CACHE=off never stores)."),
 )
 
 

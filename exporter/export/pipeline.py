@@ -65,6 +65,7 @@ class ExportOptions:
     embedding_type: str | None = None
     max_kld: float | None = None  # --quant auto budgets
     max_size: int | None = None
+    reuse_reference: bool = True  # --fresh-reference: recompute the reference outputs
 
     def merge_options(self) -> MergeOptions:
         return MergeOptions(merge_base=self.merge_base, dtype=self.dtype, trained_on=self.trained_on,
@@ -204,7 +205,8 @@ def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions
     gopts = GateOptions(base=opts.base, trained_on=opts.trained_on, double_quant=opts.double_quant,
                         prompts=opts.prompts, report_dir=out_dir, gen_tokens=opts.gen_tokens,
                         max_samples=opts.max_samples, overrides=opts.overrides, floor=opts.floor, lora=lora,
-                        merged_dir=merged, recipes=recipes_from_record(record, out_dir), clock=clock)
+                        merged_dir=merged, recipes=recipes_from_record(record, out_dir), clock=clock,
+                        reuse_reference=opts.reuse_reference)
     report = check(source, targets, gopts)
     if (out_dir / "quant.md").is_file():  # --quant auto: every candidate measured, below the gate's verdict
         with open(out_dir / "report.md", "a") as fh:

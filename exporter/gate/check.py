@@ -14,6 +14,7 @@ from pathlib import Path
 
 from exporter.errors import LoraxError
 from exporter.gate.evaluate import Report, Yardstick, run_gate
+from exporter.gate.reference_store import ReferenceSource
 from exporter.gate.registry import lookup
 from exporter.gate.report import write_report
 from exporter.gate.samples import build, load_rows
@@ -39,6 +40,7 @@ class GateOptions:
     merged_dir: Path | None = None  # the merged weights the artifacts came from (the pipeline knows them)
     recipes: dict = field(default_factory=dict)  # GGUF type -> Recipe the target was quantized with (the floor too)
     clock: Stopwatch | None = None  # the caller's stage timing (the export's build); the gate's stages join it
+    reuse_reference: bool = True  # reuse stored reference outputs (exporter.gate.reference_store)
 
     def merge_options(self) -> MergeOptions:
         """How the floor re-merges the adapter when it needs to: as read here, quietly, unverified (the
@@ -51,20 +53,41 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def reference_runner(source: str | Path, opts: GateOptions):
-    """The model as trained: for an adapter dir, its base quantized as in training + the adapter;
-    for a plain HF model dir, that model itself (float32)."""
-    from formats.hf.runner import HFRunner
+# adapter files whose content decides the reference's outputs (hashed; they are small)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "lorax.json")
+
+
+def reference_source(source: str | Path, opts: GateOptions) -> ReferenceSource:
+    """The model as trained, unloaded: for an adapter dir, its base quantized as in training + the adapter;
+    for a plain HF model dir, that model itself (float32). Loading waits until outputs must be computed."""
+    from dataclasses import asdict
+
+    from exporter.gate.reference_store import dir_identity, file_identity
 
     source = Path(source)
     if is_adapter(source):
-        from exporter.gate.reference import read_adapter
+        from exporter.gate.reference import load_tokenizer, read_adapter
         from exporter.gate.reference import reference_runner as adapter_reference
 
-        return adapter_reference(read_adapter(source, opts.trained_on, opts.double_quant, opts.base))
+        info = read_adapter(source, opts.trained_on, opts.double_quant, opts.base)
+        identity = {"adapter": [file_identity(source / n, by_content=True) for n in ADAPTER_FILES
+                                if (source / n).is_file()],
+                    "base": dir_identity(info.base_dir), "trained_on": asdict(info.trained_on)}
+        return ReferenceSource("reference", load_tokenizer(info), identity, lambda: adapter_reference(info))
     if (source / "config.json").is_file():
-        return HFRunner(source, name=f"reference:{source.name}")
+        from transformers import AutoTokenizer
+
+        from formats.hf.runner import HFRunner
+
+        name = f"reference:{source.name}"
+        return ReferenceSource(name, AutoTokenizer.from_pretrained(source), {"hf": dir_identity(source)},
+                               lambda: HFRunner(source, name=name))
     raise LoraxError(f"{source}: neither an adapter dir (adapter_config.json) nor an HF model dir (config.json)")
+
+
+def reference_runner(source: str | Path, opts: GateOptions):
+    """The reference loaded now, as a formats.runner.Runner (for callers that run it themselves)."""
+    return reference_source(source, opts).open()
 
 
 def lora_pairing(lora: Path, floor) -> Target:
@@ -105,7 +128,7 @@ def check(source: str | Path, artifacts: list, opts: GateOptions | None = None) 
     source = Path(source)
     if not artifacts:
         raise LoraxError("no artifacts to check; pass one or more .gguf files, ONNX dirs or HF dirs")
-    ref = reference_runner(source, opts)
+    ref = reference_source(source, opts)
     rows, where = load_rows(opts.prompts, source)
     try:
         samples = build(rows, ref.tokenizer, max_samples=opts.max_samples)
@@ -118,7 +141,7 @@ def check(source: str | Path, artifacts: list, opts: GateOptions | None = None) 
     try:
         targets = _targets(source, artifacts, opts, probe)
         yard = Yardstick(samples, ref.tokenizer, opts.gen_tokens)
-        report = run_gate(ref, targets, yard, where, opts.overrides, probe)
+        report = run_gate(ref, targets, yard, where, opts.overrides, probe, reuse=opts.reuse_reference)
     finally:
         probe.close()
     if opts.clock is not None:  # one timeline: the export's build stages, then the gate's

@@ -213,17 +213,16 @@ def _evaluate(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: fl
 
 
 def run_gate(ref, targets: list[Target], yard: Yardstick, prompts_source: str, overrides: dict | None = None,
-             floor=None) -> Report:
-    """Reference outputs once, then each target loaded, measured and closed in turn."""
-    from exporter.gate.fast_reference import dequantize_once
+             floor=None, reuse: bool = True) -> Report:
+    """Reference outputs once (or reused from an earlier run, exporter.gate.reference_store: `ref` is a
+    ReferenceSource), then each target loaded, measured and closed in turn."""
+    from exporter.gate.reference_store import reference_outputs
     from lorax_common.timing import Stopwatch
     from lorax_common.versions import package_versions
 
     clock = Stopwatch()
     with clock("reference"):
-        path = dequantize_once(ref, yard.samples[0].ids)
-        ref_out = run_reference(ref, yard)
-        ref.close()  # only its outputs are needed from here on: peak memory is one loaded model at a time
+        ref_out, path = reference_outputs(ref, yard, reuse)
     ref_acc = yard.accuracy(ref_out.generations)
     results = []
     for t in progress(targets, desc="gate", unit="target"):

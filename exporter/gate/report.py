@@ -79,6 +79,12 @@ def to_markdown(report: Report) -> str:
                   f"bitsandbytes' own path bit for bit (max |Δlogit| {path['max_abs_logit_delta']:g})."]
     elif path.get("reason"):
         lines += ["", f"Reference path: bitsandbytes' 4-bit layers ({path['reason']})."]
+    outputs = path.get("outputs") or {}
+    if outputs.get("reused"):
+        lines += ["", f"Reference outputs: reused, stored {outputs['created']} ({outputs['stored']}); "
+                  f"{outputs['seconds_skipped']:.0f} s of reference computation skipped."]
+    elif outputs.get("stored"):
+        lines += ["", f"Reference outputs: computed and stored for reuse ({outputs['stored']})."]
     if report.timing.get("stages"):
         from lorax_common.timing import summary_line
 
