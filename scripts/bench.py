@@ -1,6 +1,6 @@
 """`make bench`: every benchmark side by side with the peer tool, written to docs/BENCHMARKS.md.
 
-    python scripts/bench.py [--only merge,gguf,onnx,quant,train] [--quick]
+    python scripts/bench.py [--only merge,gguf,onnx,quant,export,check,train] [--quick]
 
 Each script measures lorax and its peer in the same run (fresh processes, same inputs) and prints its
 ratios; this runner records the machine, the command, and each script's own summary. No absolute
@@ -31,6 +31,14 @@ BENCHES: dict[str, tuple[str, list[str], list[str], str]] = {
     # the demo's fine-tune (`make demo` writes out/demo/adapter and out/demo/dist/merged)
     "quant": ("bench_quant.py", ["--sweep"], ["--max-samples", "24"],
               "GGUF quantization per type: plain libllama vs lorax's importance matrix / tensor types (demo fine-tune)"),
+    "export": ("bench_export.py", [], ["--samples", "4"],
+               "lorax export --gguf --quant q4_k_m with its gate vs PEFT merge + convert_hf_to_gguf + "
+               "llama_model_quantize, no check (1.18B)"),
+    "check": ("bench_gate.py", ["--adapter", "out/demo/adapter", "--hand-loop", "out/demo/dist/model-q8_0.gguf",
+                                "--max-samples", "8"], ["--adapter", "out/demo/adapter", "--hand-loop",
+                                                        "out/demo/dist/model-q8_0.gguf", "--max-samples", "4"],
+              "lorax check of one GGUF (fresh, then reusing the stored reference) vs a hand-written loop "
+              "(demo fine-tune)"),
     "train": ("bench_train.py", [], ["--steps", "10"],
               "lorax train vs a plain PEFT + Trainer script (SmolLM2 QLoRA NF4, same settings)"),
 }

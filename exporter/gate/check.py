@@ -137,7 +137,8 @@ def check(source: str | Path, artifacts: list, opts: GateOptions | None = None) 
     # the control needs the merged weights; the floor, a base to quantize (only an adapter reference has one)
     probe = Floor(samples, adapter_dir=source if is_adapter(source) else None,
                   merged_dir=opts.merged_dir or (None if is_adapter(source) else source),
-                  merge=opts.merge_options(), mode=opts.floor, recipes=opts.recipes)
+                  merge=opts.merge_options(), mode=opts.floor, recipes=opts.recipes,
+                  vocab=len(ref.tokenizer))
     try:
         targets = _targets(source, artifacts, opts, probe)
         yard = Yardstick(samples, ref.tokenizer, opts.gen_tokens)

@@ -95,6 +95,19 @@ def gen_budget(sample: Sample, tokenizer, gen_tokens: int) -> int:
     return max(gen_tokens, len(tokenizer(sample.answer, add_special_tokens=False)["input_ids"]) + 2)
 
 
+def batched_logits(runner, seqs: list[list[int]], vocab: int, bar=None) -> list:
+    """Teacher-forced logits of every sequence, in the batches formats.runner.plan_batches groups them into."""
+    from formats.runner import batch_budget, plan_batches
+
+    logits: list = [None] * len(seqs)
+    for group in plan_batches([len(s) for s in seqs], vocab, batch_budget()):
+        for i, lg in zip(group, runner.logits_batch([seqs[i] for i in group]), strict=True):
+            logits[i] = lg
+        if bar is not None:
+            bar.update(len(group))
+    return logits
+
+
 def run_outputs(runner, samples: list[Sample], tokenizer, gen_tokens: int, desc: str) -> RefOutputs:
     """Teacher-forced logits and greedy generations of every sample, in batches the runner computes together
     (formats.runner.plan_batches: similar lengths grouped, padded logits within a share of free memory)."""
@@ -102,13 +115,9 @@ def run_outputs(runner, samples: list[Sample], tokenizer, gen_tokens: int, desc:
 
     budgets = [gen_budget(s, tokenizer, gen_tokens) for s in samples]
     vocab = max(len(tokenizer), 1)
-    logits: list = [None] * len(samples)
     gens: list = [None] * len(samples)
     with progress(total=2 * len(samples), desc=desc, leave=False, unit="row") as bar:
-        for group in plan_batches([len(s.ids) for s in samples], vocab, batch_budget()):
-            for i, lg in zip(group, runner.logits_batch([samples[i].ids for i in group]), strict=True):
-                logits[i] = lg
-            bar.update(len(group))
+        logits = batched_logits(runner, [s.ids for s in samples], vocab, bar)
         width = max(budgets)
         for group in plan_batches([len(s.prompt_ids) + width for s in samples], vocab, batch_budget()):
             n = max(budgets[i] for i in group)

@@ -92,7 +92,8 @@ class Floor:
     (format, type) the control and floor files; every measurement is cached for the gate's run."""
 
     def __init__(self, samples: list[Sample], *, adapter_dir: Path | None = None, merged_dir: Path | None = None,
-                 merge: MergeOptions | None = None, mode: str = "auto", recipes: dict | None = None) -> None:
+                 merge: MergeOptions | None = None, mode: str = "auto", recipes: dict | None = None,
+                 vocab: int = 2**16) -> None:
         if mode not in FLOOR_MODES:
             raise ValueError(f"--floor {mode!r}: expected one of {', '.join(FLOOR_MODES)}")
         if adapter_dir is None and merged_dir is None:
@@ -101,6 +102,7 @@ class Floor:
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self._merged = Path(merged_dir) if merged_dir else None
         self.merge = merge or MergeOptions(verify=False, progress=False)
+        self.vocab = vocab  # sizes the logits batches (formats.runner.plan_batches)
         self.recipes = recipes or {}  # GGUF type -> the target's Recipe: the floor file is quantized the same way
         self._work: Path | None = None
         self._base_logits: list[np.ndarray] | None = None
@@ -137,11 +139,12 @@ class Floor:
         return out
 
     def _logits(self, fmt: str, path: Path) -> list[np.ndarray]:
+        from exporter.gate.evaluate import batched_logits
         from exporter.gate.targets import open_runner
 
         runner = open_runner(fmt, path, name=f"probe:{path.name}")
         try:
-            return [runner.logits(s.ids) for s in self.samples]
+            return batched_logits(runner, [s.ids for s in self.samples], self.vocab)
         finally:
             runner.close()
 

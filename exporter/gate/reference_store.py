@@ -159,8 +159,9 @@ def save(key: str, logits: list[np.ndarray], generations: list[list[int]], refer
                 "generations": [list(map(int, g)) for g in generations], "reference_path": reference_path,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"), "seconds": round(seconds, 2)}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        os.replace(tmp, root / key)
-        tmp = None
+        if not (root / key).exists():  # a concurrent gate of the same build may have stored it first
+            os.replace(tmp, root / key)
+            tmp = None
     except OSError as e:
         log.warning("could not store the reference outputs under %s (%s); the next check recomputes them", root, e)
         return None
