@@ -27,6 +27,7 @@ from pathlib import Path
 def gate_targets(dist: Path) -> tuple[list, Path | None]:
     from exporter.gate.targets import open_target
 
+    dist = dist.resolve()
     record = json.loads((dist / "lorax.json").read_text())
     kinds = {a["path"]: a["kind"] for a in record.get("artifacts", [])}
     lora = next((dist / p for p, k in kinds.items() if k == "lora"), None)

@@ -39,13 +39,13 @@ def base_facts(base_dir: Path | None) -> dict[str, str]:
     record = _read(base_dir / "lorax.json")
     src = Path(record.get("source", ""))
     if record.get("kind") == "import-gguf" and src.is_file():
-        from gguf import GGUFReader
+        from formats.gguf.header import read_values
 
-        fields = GGUFReader(src).fields
-        for key, out in (("general.license", "license"), ("general.name", "name"),
-                         ("general.base_model.0.repo_url", "base_model_url")):
-            if key in fields and out not in facts:
-                facts[out] = str(fields[key].contents())
+        keys = {"general.license": "license", "general.name": "name", "general.base_model.0.repo_url": "base_model_url"}
+        values = read_values(src, set(keys))  # the header only: gguf-py's reader maps the whole file first
+        for key, out in keys.items():
+            if key in values and out not in facts:
+                facts[out] = str(values[key])
     return facts
 
 

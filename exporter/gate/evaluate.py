@@ -192,7 +192,7 @@ def _evaluate(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: fl
         failures.append(f"vocab: target has {logits[0].shape[-1]} logits per position, reference "
                         f"{ref.logits[0].shape[-1]}")
         return _result(target, {}, limits_for(target.format, target.dtype, overrides), failures)
-    parity = metrics.compare(ref.logits, logits, [s.ids for s in samples])
+    parity, klds = metrics.compare_positions(ref.logits, logits, [s.ids for s in samples])
     limits = limits_for(target.format, target.dtype, overrides, positions=parity.positions)
     untested = [f"{k}: {parity.positions} positions < {MIN_TAIL_POSITIONS}" for k in TAIL_METRICS
                 if k in limits_for(target.format, target.dtype) and k not in limits]
@@ -216,7 +216,6 @@ def _evaluate(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: fl
             floor_metrics = floor.measure(target.format, target.dtype)
             limits = relax(limits, floor_metrics, fixed=set(overrides or {}))
             failures = fixed + violations(m, limits)
-    klds = np.concatenate([metrics.kld_per_position(r, t) for r, t in zip(ref.logits, logits, strict=True)])
     return _result(target, m, limits, failures, kld_positions=klds.tolist(), floor=floor_metrics,
                    control=control, untested=untested)
 

@@ -9,7 +9,9 @@ Inputs are teacher-forced logits, shape [positions, vocab], float32.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -82,17 +84,34 @@ class Parity:
         return asdict(self)
 
 
-def compare(
+def _sequence(ref: np.ndarray, tgt: np.ndarray, ids: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """(KLD per position, top-1 agreement, max |Δlogit|, NLL ref, NLL target) of one sequence, each
+    log-softmax computed once (the same numbers as kld_per_position and nll, row by row)."""
+    _check_shapes(ref, tgt)
+    ids = np.asarray(ids)
+    if ref.shape[0] != ids.shape[0]:
+        raise ValueError(f"logits cover {ref.shape[0]} positions but there are {ids.shape[0]} ids")
+    p, q = log_softmax(ref), log_softmax(tgt)
+    kld = np.maximum((np.exp(p) * (p - q)).sum(axis=-1), 0.0)
+    rows, nxt = np.arange(len(ids) - 1), ids[1:]
+    return kld, ref.argmax(-1) == tgt.argmax(-1), max_abs_logit(ref, tgt), -p[rows, nxt], -q[rows, nxt]
+
+
+def compare_positions(
     ref: Sequence[np.ndarray], tgt: Sequence[np.ndarray], ids: Sequence[Sequence[int]]
-) -> Parity:
-    """Parity over several sequences: per-position metrics pooled, PPL over all predicted tokens."""
+) -> tuple[Parity, np.ndarray]:
+    """compare(), plus the per-position KLD it pooled (the gate's plot), computed in the same pass."""
     if not (len(ref) == len(tgt) == len(ids)) or not ref:
         raise ValueError("compare needs the same non-zero number of reference, target and id sequences")
-    klds = np.concatenate([kld_per_position(r, t) for r, t in zip(ref, tgt, strict=True)])
-    agree = np.concatenate([r.argmax(-1) == t.argmax(-1) for r, t in zip(ref, tgt, strict=True)])
-    mal = max(max_abs_logit(r, t) for r, t in zip(ref, tgt, strict=True))
-    nll_r = np.concatenate([nll(r, s) for r, s in zip(ref, ids, strict=True)])
-    nll_t = np.concatenate([nll(t, s) for t, s in zip(tgt, ids, strict=True)])
+    # one sequence per core: numpy releases the GIL in these array passes, and sequences are independent
+    # (the same numbers as a serial loop)
+    with ThreadPoolExecutor(min(len(ref), os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(_sequence, ref, tgt, ids))
+    klds = np.concatenate([p[0] for p in parts])
+    agree = np.concatenate([p[1] for p in parts])
+    mal = max(p[2] for p in parts)
+    nll_r = np.concatenate([p[3] for p in parts])
+    nll_t = np.concatenate([p[4] for p in parts])
     ppl_r, ppl_t = float(np.exp(nll_r.mean())), float(np.exp(nll_t.mean()))
     return Parity(
         kld_mean=float(klds.mean()),
@@ -104,7 +123,14 @@ def compare(
         ppl_target=ppl_t,
         ppl_ratio=ppl_t / ppl_r,
         positions=int(klds.size),
-    )
+    ), klds
+
+
+def compare(
+    ref: Sequence[np.ndarray], tgt: Sequence[np.ndarray], ids: Sequence[Sequence[int]]
+) -> Parity:
+    """Parity over several sequences: per-position metrics pooled, PPL over all predicted tokens."""
+    return compare_positions(ref, tgt, ids)[0]
 
 
 def _check_shapes(a: np.ndarray, b: np.ndarray) -> None:

@@ -56,17 +56,22 @@ def open_runner(fmt: str, path: Path, name: str | None = None, lora: Path | None
 
 def gguf_dtype(path: Path) -> str:
     """File type from the GGUF header (general.file_type), as lowercase names: f32, q8_0, q4_k_m, ..."""
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
+
+    from formats.errors import FormatError
+    from formats.gguf.header import read_values
 
     try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as e:  # gguf-py reports truncation and bad magic as ValueError
-        raise LoraxError(f"{path}: not a readable GGUF file ({e}); re-export it") from None
-    field = reader.fields.get("general.file_type")
-    if field is None:
+        value = read_values(path, {"general.file_type"}).get("general.file_type")
+    except FormatError as e:
+        raise LoraxError(f"not a readable GGUF file: {e}; re-export it") from None
+    if value is None:
         raise LoraxError(f"{path}: GGUF has no general.file_type, so its thresholds are unknown; "
                          "re-export it with lorax or llama.cpp's converter")
-    name = LlamaFileType(int(field.contents())).name.lower()
+    try:
+        name = LlamaFileType(int(value)).name.lower()
+    except ValueError:
+        raise LoraxError(f"{path}: general.file_type {value} is not a llama.cpp file type lorax knows") from None
     return name.removeprefix("mostly_").removeprefix("all_")
 
 

@@ -1,0 +1,87 @@
+"""A few metadata values from a GGUF header, read without parsing the whole file.
+
+    read_values("dist/model-q4_k_m.gguf", {"general.file_type"})   # {"general.file_type": 15}
+
+The gate only needs `general.file_type` to pick a target's thresholds; gguf-py's GGUFReader builds a
+numpy view of every field and tensor first (4.8 s for SmolLM2's 49k-token vocabulary, per target). This
+walks the key/value section with struct, skipping values it was not asked for, and stops as soon as every
+wanted key was seen. Layout facts (gguf-py's constants): "GGUF", uint32 version, uint64 tensor count,
+uint64 kv count, then per kv a string key (uint64 length + UTF-8), a uint32 value type and the value;
+arrays are a uint32 item type, a uint64 count and the items. Little-endian files only (what lorax and
+llama.cpp's converter write); others raise FormatError like a damaged file.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from formats.errors import FormatError
+
+MAGIC = b"GGUF"
+STRING, ARRAY = 8, 9
+# value type -> struct format of a scalar (gguf-py GGUFValueType)
+SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _read(fh: BinaryIO, n: int, path: Path) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise FormatError(f"{path}: GGUF header is truncated; re-export or re-download the file")
+    return data
+
+
+def _unpack(fh: BinaryIO, fmt: str, path: Path) -> Any:
+    return struct.unpack(fmt, _read(fh, struct.calcsize(fmt), path))[0]
+
+
+def _string(fh: BinaryIO, path: Path, keep: bool) -> str | None:
+    n = _unpack(fh, "<Q", path)
+    if n > 1 << 30:
+        raise FormatError(f"{path}: GGUF header holds a {n}-byte string; the file is damaged")
+    if not keep:
+        fh.seek(n, 1)
+        return None
+    return _read(fh, n, path).decode("utf-8", errors="replace")
+
+
+def _value(fh: BinaryIO, vtype: int, path: Path, keep: bool) -> Any:
+    if vtype == STRING:
+        return _string(fh, path, keep)
+    if vtype == ARRAY:
+        itype, count = _unpack(fh, "<I", path), _unpack(fh, "<Q", path)
+        if itype in SCALARS and not keep:
+            fh.seek(struct.calcsize(SCALARS[itype]) * count, 1)
+            return None
+        return [_value(fh, itype, path, keep) for _ in range(count)]
+    if vtype not in SCALARS:
+        raise FormatError(f"{path}: GGUF header has an unknown value type {vtype}; the file is damaged "
+                          "or from a newer GGUF version")
+    return _unpack(fh, SCALARS[vtype], path)
+
+
+def read_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
+    """The values of `keys` found in the header (absent keys are absent from the result)."""
+    path = Path(path)
+    found: dict[str, Any] = {}
+    try:
+        with open(path, "rb") as fh:
+            if _read(fh, 4, path) != MAGIC:
+                raise FormatError(f"{path}: not a GGUF file (bad magic); pass a .gguf written by lorax or llama.cpp")
+            version = _unpack(fh, "<I", path)
+            if not 1 <= version <= 3:
+                raise FormatError(f"{path}: GGUF version {version} is not one lorax reads (1-3, little-endian)")
+            _unpack(fh, "<Q", path)  # tensor count
+            for _ in range(_unpack(fh, "<Q", path)):
+                key = _string(fh, path, keep=True)
+                vtype = _unpack(fh, "<I", path)
+                wanted = key in keys
+                value = _value(fh, vtype, path, keep=wanted)
+                if wanted:
+                    found[key] = value
+                    if len(found) == len(keys):
+                        break
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read the GGUF file ({e.strerror or e})") from None
+    return found
