@@ -85,11 +85,19 @@ def test_any_change_to_what_the_outputs_depend_on_recomputes(nf4_adapter, merged
     assert check(nf4_adapter, [merged], GateOptions(floor="off", max_samples=2)).reference_path["outputs"]["reused"] is False
     assert check(nf4_adapter, [merged], GateOptions(floor="off", gen_tokens=5)).reference_path["outputs"]["reused"] is False
     assert loads[0] == 3
+    # lorax's own code changed (same version string): recomputed, never read from what older code stored
+    import exporter.gate.reference_store as rs
+
+    real = rs.code_identity
+    monkeypatch.setattr(rs, "code_identity", lambda: "edited checkout")
+    assert check(nf4_adapter, [merged], GateOptions(floor="off")).reference_path["outputs"]["reused"] is False
+    assert loads[0] == 4
+    monkeypatch.setattr(rs, "code_identity", real)
     # a copy of the adapter is the same reference (its files are keyed by content, not by path) ...
     ad = tmp_path / "ad"
     shutil.copytree(nf4_adapter, ad)
     before = check(ad, [merged], GateOptions(floor="off"))
-    assert before.reference_path["outputs"]["reused"] is True and before.passed and loads[0] == 3
+    assert before.reference_path["outputs"]["reused"] is True and before.passed and loads[0] == 4
     # ... but retrained in place (other weights, same file names) it is recomputed and measured against
     # the new weights (the old merged model now drifts)
     base = json.loads((ad / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -8,7 +8,8 @@ What the reference produces on the gate's samples (teacher-forced float32 logits
 greedy generations) depends only on: the reference's files (adapter weights and config by sha256; the
 base's weight files by size and mtime, its config by content), how the base is loaded (the
 quantization training used), the samples (token ids, prompts, generation budgets) and the numeric stack
-(lorax, torch, transformers, peft, bitsandbytes versions). `reference_key` hashes exactly those; any
+(lorax, torch, transformers, peft, bitsandbytes versions, and lorax's own source files, so a changed
+checkout never reads what older code stored). `reference_key` hashes exactly those; any
 change is a new key, so a stale entry is never read. The logits are stored whole, in float32, as one
 .npy that is memory-mapped on reuse: the metrics are then computed from the very numbers a fresh run
 would have used (top-k log-probs would make KLD an approximation; the full array costs positions x
@@ -18,6 +19,7 @@ renamed whole; the oldest are removed past LORAX_REFERENCE_CACHE_BYTES (default 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -38,6 +40,8 @@ DEFAULT_BUDGET_BYTES = 8 * 2**30
 FORMAT_VERSION = 1
 # the packages whose numerics the reference's outputs depend on
 NUMERIC_PACKAGES = ("lorax", "torch", "transformers", "peft", "bitsandbytes", "numpy")
+# lorax's own packages whose code computes the outputs (hashed into every key, see code_identity)
+CODE_PACKAGES = ("exporter", "formats", "lorax_common", "train")
 
 
 def store_dir() -> Path | None:
@@ -89,12 +93,25 @@ def samples_identity(yard) -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def code_identity() -> str:
+    """sha256 over lorax's own source files: a checkout whose code changed (the version string often does
+    not, between releases) never reads outputs an older reference path stored."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for pkg in CODE_PACKAGES:
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def reference_key(reference_identity: Any, yard) -> str:
     from lorax_common.versions import package_versions
 
     versions = {k: v for k, v in package_versions().items() if k in NUMERIC_PACKAGES}
     blob = json.dumps({"format": FORMAT_VERSION, "reference": reference_identity, "samples": samples_identity(yard),
-                       "gen_tokens": yard.gen_tokens, "versions": versions}, sort_keys=True, default=str)
+                       "gen_tokens": yard.gen_tokens, "versions": versions, "code": code_identity()},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
