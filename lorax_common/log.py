@@ -61,10 +61,49 @@ def log_to_stderr(level: int) -> Iterator[None]:
         lg.addHandler(handler)
         lg.propagate = False
     try:
-        with verbosity(level):
+        with verbosity(level), (_quiet_libraries() if level == QUIET else contextlib.nullcontext()):
             yield
     finally:
         for lg, (lvl, prop) in zip(loggers, before, strict=True):
             lg.removeHandler(handler)
             lg.setLevel(lvl)
             lg.propagate = prop
+
+
+# libraries that log or draw bars of their own while lorax works (weights loading, kernel fallbacks)
+QUIET_LIBRARIES = ("transformers", "bitsandbytes", "peft", "torch", "huggingface_hub")
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Under -q: the libraries' loggers at ERROR, their warnings and transformers' progress bars off, all
+    restored on exit (transformers is only touched when the command imported it)."""
+    import warnings
+
+    from lorax_common.scoped import logger_level
+
+    with contextlib.ExitStack() as stack:
+        for name in QUIET_LIBRARIES:
+            stack.enter_context(logger_level(name, logging.ERROR))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        stack.callback(_restore_bars, _bars_off())
+        yield
+
+
+def _bars_off() -> bool | None:
+    """Turn transformers' bars off (importing it only to do so); the previous state, None when unknown."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return None
+    before = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    return before
+
+
+def _restore_bars(before: bool | None) -> None:
+    if before:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar()

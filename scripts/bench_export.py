@@ -108,9 +108,17 @@ def build_adapter(base: Path, out: Path) -> Path:
 
 
 def lorax_side(adapter: Path, dist: Path, samples: int) -> dict:
-    wall, rss = bench_gguf.measured([sys.executable, "-m", "exporter.cli", "-q", "export", str(adapter), "--out",
-                                     str(dist), "--gguf", "--quant", "q4_k_m", "--max-samples", str(samples),
-                                     "--force"], cwd=ROOT)
+    """The export in a fresh process; a failed gate (exit 1) is a result here (random weights), not an error."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "exporter.cli", "-q", "export", str(adapter), "--out", str(dist), "--gguf",
+           "--quant", "q4_k_m", "--max-samples", str(samples), "--force"]
+    proc = subprocess.run([sys.executable, "-c", bench_gguf._MEASURE, *cmd], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result["rc"] not in (0, 1):
+        raise SystemExit(f"lorax export failed (exit {result['rc']}):\n{proc.stderr[-2000:]}")
+    wall, rss = result["wall"], result["rss"]
     report = json.loads((dist / "report.json").read_text())
     return {"seconds": wall, "peak_rss_gb": rss / 1e9, "stages": report["timing"]["stages"],
             "gate_passed": report["passed"],

@@ -77,3 +77,23 @@ def test_options_build_refuses_a_flag_no_field_takes():
     assert build(MergeOptions, {"dtype": "float32"}, verify=False) == MergeOptions(dtype="float32", verify=False)
     with pytest.raises(TypeError, match="no field for typo"):
         build(MergeOptions, {"typo": 1})
+
+
+def test_quiet_check_silences_the_libraries_too(nf4_adapter, tmp_path, capsys):
+    """transformers' weight-loading bars, bitsandbytes' kernel notices and library warnings follow -q,
+    and come back after the command."""
+    from transformers.utils import logging as hf_logging
+
+    from exporter.merge.api import MergeOptions, merge_adapter
+
+    merged = merge_adapter(nf4_adapter, tmp_path / "m", MergeOptions(progress=False))
+    capsys.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    levels = {n: logging.getLogger(n).level for n in log.QUIET_LIBRARIES}
+    rc, out, err = run(["-q", "check", nf4_adapter, merged, "--floor", "off"], capsys)
+    assert rc == 0 and err == "", err
+    assert "# lorax parity report: PASSED" in out and "| hf |" in out  # the verdict is the result: still printed
+    assert hf_logging.is_progress_bar_enabled()
+    assert {n: logging.getLogger(n).level for n in log.QUIET_LIBRARIES} == levels
+    rc, _, err = run(["check", nf4_adapter, merged, "--floor", "off"], capsys)
+    assert rc == 0 and "Loading weights" in err  # without -q the same command does show them
