@@ -63,19 +63,13 @@ def rows(n: int, offset: int = 0) -> list[dict]:
     return out
 
 
-def build_adapter(base: Path, out: Path) -> Path:
-    """A random rank-16 LoRA on every linear layer, saved as PEFT does, with lorax.json from lorax's record code."""
+def random_lora(base: Path) -> dict:
+    """Random rank-16 LoRA tensors for every target linear layer of `base` (shapes read from its headers)."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from lorax_common import record
     from lorax_common.files import weight_files
-    from train.lorax_json import base_record, build
 
-    if (out / "lorax.json").is_file():
-        return out
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + "."))
     gen = torch.Generator().manual_seed(1)
     tensors = {}
     for f in weight_files(base):
@@ -86,11 +80,27 @@ def build_adapter(base: Path, out: Path) -> Path:
                     n_out, n_in = fh.get_slice(key).get_shape()
                     tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(RANK, n_in, generator=gen) / n_in**0.5
                     tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(n_out, RANK, generator=gen) * 0.01
-    save_file(tensors, tmp / "adapter_model.safetensors")
-    (tmp / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
-        "target_modules": TARGETS, "bias": "none", "use_rslora": False, "use_dora": False,
-        "fan_in_fan_out": False, "base_model_name_or_path": str(base), "modules_to_save": None}, indent=2))
+    return tensors
+
+
+def adapter_config(base: Path) -> dict:
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
+            "target_modules": TARGETS, "bias": "none", "use_rslora": False, "use_dora": False,
+            "fan_in_fan_out": False, "base_model_name_or_path": str(base), "modules_to_save": None}
+
+
+def build_adapter(base: Path, out: Path) -> Path:
+    """A random rank-16 LoRA on every linear layer, saved as PEFT does, with lorax.json from lorax's record code."""
+    from safetensors.torch import save_file
+
+    from lorax_common import record
+    from train.lorax_json import base_record, build
+
+    if (out / "lorax.json").is_file():
+        return out
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + "."))
+    save_file(random_lora(base), tmp / "adapter_model.safetensors")
+    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(base), indent=2))
     train = tmp / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows(200)))
     (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(16, offset=500)))

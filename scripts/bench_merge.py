@@ -28,14 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_export import ALPHA, RANK, TARGETS  # noqa: E402  (the same random adapter as the export bench)
+
 # name -> Llama shape (hidden, intermediate, layers, heads, kv heads, vocab)
 SIZES = {
     "1b": (2048, 5632, 22, 32, 4, 32000),  # 1.10B, TinyLlama-1.1B's shape
     "small": (768, 2048, 12, 12, 4, 32000),  # 0.11B
     "tiny": (256, 704, 4, 8, 4, 8000),
 }
-RANK, ALPHA = 16, 32
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_base(out: Path, size: str) -> Path:
@@ -71,27 +71,14 @@ def build_adapter(base: Path, out: Path) -> Path:
     """A random rank-16 all-linear LoRA adapter + lorax.json saying it was trained on NF4 + double quant."""
     import hashlib
 
-    import torch
-    from safetensors import safe_open
+    from bench_export import adapter_config, random_lora
     from safetensors.torch import save_file
 
     from lorax_common.hashing import sha256_file
 
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(1)
-    tensors = {}
-    with safe_open(base / "model.safetensors", "pt") as f:
-        for key in f.keys():
-            module = key.removesuffix(".weight")
-            if module.rsplit(".", 1)[-1] in TARGETS:
-                n_out, n_in = f.get_slice(key).get_shape()
-                tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(RANK, n_in, generator=gen) / n_in**0.5
-                tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(n_out, RANK, generator=gen) * 0.01
-    save_file(tensors, out / "adapter_model.safetensors")
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
-        "target_modules": TARGETS, "bias": "none", "use_rslora": False, "use_dora": False,
-        "fan_in_fan_out": False, "base_model_name_or_path": str(base), "modules_to_save": None}, indent=2))
+    save_file(random_lora(base), out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config(base), indent=2))
     digest = sha256_file(base / "model.safetensors")
     (out / "lorax.json").write_text(json.dumps({
         "kind": "adapter", "lorax_version": "0.1.0", "created": "bench",

@@ -10,16 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_onnx_export import F32_MAX_ABS_LOGIT, PROMPTS
 
 from exporter.gate.metrics import compare
 
-PROMPTS = [
-    "The model merge export token layer quantized float check drift report.",
-    '{"name": "Paris", "city": "Tokyo", "age": 42}',
-    "<|im_start|>user\nWhat color is the train loss?<|im_end|>\n<|im_start|>assistant\n",
-    "def f10(x):\n    return x * 10 + 1\n",
-]
-F32_MAX_ABS_LOGIT = 1e-3
 F16_KLD_MEAN = 1e-3
 
 
