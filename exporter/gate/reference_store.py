@@ -69,17 +69,16 @@ def file_identity(path: Path, by_content: bool) -> list:
     return [path.name, sha256_file(path)] if by_content else [path.name, st.st_size, st.st_mtime_ns]
 
 
-def dir_identity(folder: Path, content: tuple[str, ...] = ()) -> list:
-    """Every weight and config file of a model dir: `content` names hashed by sha256, the rest by size + mtime
-    (re-hashing an 8B base on every check would cost what the cache saves)."""
+def dir_identity(folder: Path) -> list:
+    """A model dir as the key sees it: its path, its config by sha256 and its weight files by size + mtime
+    (re-hashing an 8B base on every check would cost what the store saves)."""
     from lorax_common.files import weight_files
 
     folder = Path(folder)
-    out = [str(folder.resolve())]
-    names = sorted({p.name for p in weight_files(folder)} | {n for n in content if (folder / n).is_file()}
-                   | {n for n in ("config.json",) if (folder / n).is_file()})
-    for name in names:
-        out.append(file_identity(folder / name, by_content=name in content or name == "config.json"))
+    out: list = [str(folder.resolve())]
+    if (folder / "config.json").is_file():
+        out.append(file_identity(folder / "config.json", by_content=True))
+    out += [file_identity(f, by_content=False) for f in sorted(weight_files(folder), key=lambda f: f.name)]
     return out
 
 
