@@ -102,6 +102,39 @@ def _extract_peer(sdist: Path) -> Path | None:
     return dest
 
 
+def peer_quantize(sdist: Path | None = None) -> Path | None:
+    """llama.cpp's own `llama-quantize`, built once from the vendored llama.cpp of the llama-cpp-python sdist
+    (the exact libllama lorax links; ~3.5 min with cmake + a C++ compiler on 2 cores), cached under
+    ~/.cache/lorax/bench/peer. None without the sdist or a toolchain."""
+    if sdist is None:
+        found = sorted((CACHE / "sdist").glob("llama_cpp_python-*.tar.gz")) or _download_sdist()
+        sdist = found[-1] if found else None
+    if sdist is None or shutil.which("cmake") is None:
+        return None
+    dest = CACHE / "peer" / (sdist.name.removesuffix(".tar.gz") + "-llama-quantize")
+    if dest.is_file():
+        return dest
+    src = Path(tempfile.mkdtemp(dir=CACHE))
+    try:
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
+            tar.extractall(src, members=members, filter="data")
+        root = next(src.glob("*/vendor/llama.cpp"))
+        flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DGGML_OPENMP=OFF",
+                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"]
+        gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+        for cmd in (["cmake", "-S", str(root), "-B", str(root / "build"), *gen, *flags],
+                    ["cmake", "--build", str(root / "build"), "--target", "llama-quantize", "-j", str(os.cpu_count())]):
+            if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode != 0:
+                return None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / "build" / "bin" / "llama-quantize", dest.with_suffix(".tmp"))
+        dest.with_suffix(".tmp").rename(dest)
+        return dest
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------- bench model
 
 

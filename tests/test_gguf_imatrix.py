@@ -6,6 +6,10 @@ matrix too, so "with a matrix the bytes differ" holds here as on real models.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +136,35 @@ def test_tensor_type_overrides_and_output_type(f32_gguf, tmp_path):
     assert types["token_embd.weight"] == GGMLQuantizationType.Q8_0
     with pytest.raises(FormatError, match="not offered"):
         quantize_gguf(f32_gguf, tmp_path / "x.gguf", "q4_0", recipe=Recipe(output_type="q9_9"))
+
+
+@pytest.mark.slow
+def test_llama_quantize_reads_the_file_and_makes_the_same_tensors(imx, f32_gguf, tmp_path):
+    """llama.cpp's own llama-quantize (built from the sdist of the libllama lorax links), not lorax's reader,
+    loads the written file: with it and the same --tensor-type, its q4_k_m tensors equal lorax's in-memory
+    recipe byte for byte (its file adds quantize.imatrix.* provenance keys, so whole-file hashes differ)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_gguf import peer_quantize
+
+    exe = peer_quantize()
+    if exe is None:
+        pytest.skip("llama-quantize could not be built (no sdist, cmake or compiler)")
+    matrix = write_imatrix(imx, tmp_path / "imatrix.gguf")
+    theirs, ours, plain = tmp_path / "theirs.gguf", tmp_path / "ours.gguf", tmp_path / "plain.gguf"
+    run = subprocess.run([str(exe), "--imatrix", str(matrix), "--tensor-type", "ffn_gate=q8_0", str(f32_gguf),
+                          str(theirs), "Q4_K_M", "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "loaded 15 importance matrix entries" in run.stdout + run.stderr
+    quantize_gguf(f32_gguf, ours, "q4_k_m", nthread=1,
+                  recipe=Recipe(imatrix=imx, tensor_types=(("ffn_gate", "q8_0"),)))
+    quantize_gguf(f32_gguf, plain, "q4_k_m", nthread=1)
+
+    def tensors(path: Path) -> dict[str, tuple[int, bytes]]:
+        return {t.name: (int(t.tensor_type), t.data.tobytes()) for t in GGUFReader(str(path)).tensors}
+
+    t, o, p = tensors(theirs), tensors(ours), tensors(plain)
+    assert t.keys() == o.keys() and len(t) > 20
+    assert {n for n in t if t[n] != o[n]} == set()
+    assert t["blk.0.ffn_gate.weight"][0] == GGMLQuantizationType.Q8_0
+    assert sum(t[n] != p[n] for n in t) >= 10  # the matrix moved the rounding: the test can tell files apart
+    assert GGUFReader(str(theirs)).fields["quantize.imatrix.entries_count"].contents() == 15  # in_sum2 + counts pairs
