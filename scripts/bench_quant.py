@@ -2,6 +2,7 @@
 
     python scripts/bench_quant.py --adapter /work/demo-run/adapter --merged /work/demo-run/dist/merged
     python scripts/bench_quant.py --adapter adapter/ --sweep        # + per-tensor-class sensitivity (q8_0 bumps)
+    python scripts/bench_quant.py --only --try q4_k_m:ffn_gate=q8_0,embd=q5_0   # plain, default and these recipes
 
 Everything is measured against the merged model (float32, torch) on the adapter's held-out eval.jsonl:
 mean KLD, top-1, greedy match and task accuracy (exact answers), with file bytes. "plain" is what
@@ -46,12 +47,27 @@ def intermediate(hf_dir: Path, work: Path, stem: str) -> Path:
                        force=True)).files[0].path
 
 
-def candidates(imx, sweep: bool) -> list[Candidate]:
-    from exporter.export.quant_recipes import SENSITIVITY_CLASSES, lorax_recipes
+def tried(spec: str, imx) -> Candidate:
+    """`TYPE:CLASS=TYPE,...,embd=TYPE` -> the type with the matrix and those overrides (classes as --sweep names
+    them: attn_q, ffn_gate, ...; `embd`/`output` set the embedding/output tensor types)."""
+    qtype, _, rest = spec.partition(":")
+    pairs = [p.split("=", 1) for p in rest.split(",") if p]
+    special = {k: v for k, v in pairs if k in ("embd", "output")}
+    overrides = tuple((rf"\.{k}\.", v) for k, v in pairs if k not in special)
+    return Candidate(qtype, Recipe(imatrix=imx, tensor_types=overrides, embedding_type=special.get("embd"),
+                                   output_type=special.get("output")), "imatrix," + rest if rest else "imatrix")
 
+
+def candidates(imx, sweep: bool, tries: list[str], only: bool) -> list[Candidate]:
+    from exporter.export.quant_recipes import SENSITIVITY_CLASSES, default_recipe, lorax_recipes
+
+    if only:  # the issue's comparison: plain q4_k_m, lorax's default for it, and the recipes asked for
+        return [Candidate("q4_k_m"), Candidate("q4_k_m", default_recipe("q4_k_m", imx), "lorax default"),
+                *(tried(t, imx) for t in tries)]
     out = [Candidate("q4_k_m"), Candidate("q4_k_s"), Candidate("q5_k_s"), Candidate("q5_k_m"),
            Candidate("iq4_xs"), Candidate("q3_k_m")]
     out += [Candidate(c.qtype, c.recipe, c.label) for c in lorax_recipes(imx)]
+    out += [tried(t, imx) for t in tries]
     if sweep:  # which tensors of a QLoRA merge deserve more bits: each class at q8_0 on top of q4_k_m+imatrix
         out += [Candidate("q4_k_m", Recipe(imatrix=imx, tensor_types=((rf"\.{cls}\.", "q8_0"),)),
                           f"imatrix,{cls}=q8_0") for cls in SENSITIVITY_CLASSES]
@@ -69,6 +85,9 @@ def main() -> int:
     ap.add_argument("--gen-tokens", type=int, default=16)
     ap.add_argument("--imatrix-tokens", type=int, default=32768)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--try", dest="tries", action="append", default=[], metavar="TYPE:CLASS=TYPE,...",
+                    help="one more recipe on the matrix, e.g. q4_k_m:ffn_gate=q8_0,embd=q5_0 (repeatable)")
+    ap.add_argument("--only", action="store_true", help="measure plain q4_k_m, lorax's default and --try only")
     ap.add_argument("--no-base", action="store_true", help="skip the original base's own q4_k_m line")
     ap.add_argument("--json", type=Path, help="write every row here")
     args = ap.parse_args()
@@ -98,7 +117,7 @@ def main() -> int:
     imx = collect_imatrix(merged, cal.sequences, token_budget=args.imatrix_tokens, datasets=[cal.source])
     t_imx = time.perf_counter()
     inter = intermediate(merged, work, "merged")
-    rows_out = [m.row() for m in measure(candidates(imx, args.sweep), inter, work, yard, ref)]
+    rows_out = [m.row() for m in measure(candidates(imx, args.sweep, args.tries, args.only), inter, work, yard, ref)]
     if not args.no_base:  # the moonshot: what q4_k_m costs the original base, measured against itself
         from exporter.gate.reference import read_adapter
 
