@@ -133,3 +133,32 @@ def test_store_keeps_within_its_budget(store, monkeypatch):
     assert rs.save("big", lg, [[1]], {}, 1.0) is None  # larger than the whole budget: not stored
     monkeypatch.setenv("LORAX_REFERENCE_CACHE", "off")
     assert rs.store_dir() is None and rs.load("k3") is None
+
+
+def test_control_and_floor_are_remembered_with_the_outputs(nf4_adapter, merged, store, tmp_path, monkeypatch):
+    """A second check of the same GGUF builds no control or floor file and merges nothing: both measurements
+    come back from the reference entry, equal to the first run's; a differently named source of the merged
+    weights measures afresh."""
+    import exporter.gate.registry as registry
+    import exporter.merge.api as merge_api
+    from formats.gguf.export import GGUFOptions, export_gguf
+
+    gguf = export_gguf(merged, tmp_path / "g", ["q8_0"], GGUFOptions(check_tokenizer=False, progress=False)).files[0].path
+    builds, merges = [], []
+    real_build, real_merge = registry.build, merge_api.merge_adapter
+    monkeypatch.setattr(registry, "build", lambda *a, **k: builds.append(a[2]) or real_build(*a, **k))
+    monkeypatch.setattr(merge_api, "merge_adapter", lambda *a, **k: merges.append(a[1]) or real_merge(*a, **k))
+    first = check(nf4_adapter, [gguf], GateOptions(floor="always"))
+    assert sorted(builds) == ["f32", "q8_0"] and len(merges) == 2  # control, floor; merged + base as trained
+    second = check(nf4_adapter, [gguf], GateOptions(floor="always"))
+    assert len(builds) == 2 and len(merges) == 2  # nothing built, nothing merged the second time
+    (a,), (b,) = first.targets, second.targets
+    assert a.control == b.control and a.control["type"] == "f32" and a.control["passed"]
+    assert a.floor == b.floor and a.floor["kld_mean"] > 0
+    assert a.metrics == b.metrics and a.passed == b.passed
+    # weights named otherwise (the merged dir a pipeline gives) are measured afresh, then remembered too
+    third = check(nf4_adapter, [gguf], GateOptions(floor="always", merged_dir=merged))
+    assert len(builds) == 4 and len(merges) == 3  # control and floor again; only the base as trained merged
+    assert third.targets[0].control["metrics"] == a.control["metrics"]  # the same weights, the same numbers
+    check(nf4_adapter, [gguf], GateOptions(floor="always", merged_dir=merged))
+    assert len(builds) == 4 and len(merges) == 3

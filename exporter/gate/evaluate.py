@@ -70,6 +70,9 @@ class Report:
 class RefOutputs:
     logits: list[np.ndarray]
     generations: list[list[int]]
+    # the reference store's key of these outputs (exporter.gate.reference_store), None when not keyed: what
+    # the gate measures from them alone (control, floor) is remembered under it
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -206,14 +209,14 @@ def _evaluate(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: fl
     failures += violations(m, limits)
     floor_metrics, control = None, None
     if floor is not None and applies(target.format, target.dtype):
-        ctl = floor.control(target.format, ref.logits)
+        ctl = floor.control(target.format, ref)
         control = {"type": ctl.dtype, "metrics": ctl.metrics, "thresholds": ctl.limits, "failures": ctl.failures,
                    "passed": ctl.passed}
         if not ctl.passed:
             failures.append(ctl.describe())  # a writer bug: no floor may excuse anything it wrote
         # only a metric failure can be rounding; a tokenizer mismatch fails regardless, so no floor is built
         elif floor.wanted(target.format, target.dtype, failed=len(failures) > len(fixed)):
-            floor_metrics = floor.measure(target.format, target.dtype)
+            floor_metrics = floor.measure(target.format, target.dtype, ref.key)
             limits = relax(limits, floor_metrics, fixed=set(overrides or {}))
             failures = fixed + violations(m, limits)
     return _result(target, m, limits, failures, kld_positions=klds.tolist(), floor=floor_metrics,

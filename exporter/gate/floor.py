@@ -20,14 +20,21 @@ floor too and would excuse itself. The control is a lossless file (the merged we
 ONNX float32) made by the same writer from the same merged weights and measured against the *reference*
 (the trained model, which shares no code with the writers), held to the lossless row. A lossy target whose
 control fails, fails, with the control's failure named; only a passing control lets a floor relax a limit.
+
+Both measurements are remembered beside stored reference outputs (reference_store.remember), named by what
+they depend on beyond the entry's key (merge settings or the merged dir's identity, type, recipe). That key
+covers lorax's own source, so changed writer code is re-measured. A second check of the same build
+therefore measures only its targets.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +43,11 @@ from exporter.gate.registry import lookup
 from exporter.gate.samples import Sample
 from exporter.gate.thresholds import FLOOR_CAP, FLOOR_MODES, limits_for, violations
 from exporter.merge.api import MergeOptions
+
+if TYPE_CHECKING:
+    from exporter.gate.evaluate import RefOutputs
+
+log = logging.getLogger(__name__)
 
 # metric -> (kind, amount): "x" multiplies the floor's value (a maximum), "-" subtracts from it (a minimum).
 MARGIN: dict[str, tuple[str, float]] = {
@@ -101,13 +113,14 @@ class Floor:
         self.samples, self.mode = samples, mode
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self._merged = Path(merged_dir) if merged_dir else None
+        self._given_merged = self._merged
         self.merge = merge or MergeOptions(verify=False, progress=False)
         self.vocab = vocab  # sizes the logits batches (formats.runner.plan_batches)
         self.recipes = recipes or {}  # GGUF type -> the target's Recipe: the floor file is quantized the same way
         self._work: Path | None = None
         self._base_logits: list[np.ndarray] | None = None
         self._floors: dict[tuple[str, str], dict[str, float]] = {}
-        self._controls: dict[tuple[str, str], Control] = {}
+        self._controls: dict[str, Control] = {}  # format -> its lossless control
 
     @property
     def work(self) -> Path:
@@ -148,36 +161,60 @@ class Floor:
         finally:
             runner.close()
 
-    def control(self, fmt: str, ref_logits: list[np.ndarray]) -> Control:
-        """The lossless control of `fmt` against the reference logits (cached per format)."""
+    def _weights_identity(self) -> list:
+        """What the merged weights (and the base as trained) depend on beyond the reference's own key: the
+        merged dir the pipeline gave, or the merge settings this floor would merge with."""
+        from exporter.gate.reference_store import dir_identity
+
+        if self._given_merged is not None:
+            return ["dir", dir_identity(self._given_merged)]
+        m = self.merge
+        return ["merge", m.merge_base, m.dtype, m.trained_on, m.double_quant, str(m.base_dir)]
+
+    def control(self, fmt: str, ref: RefOutputs) -> Control:
+        """The lossless control of `fmt` against the reference outputs (cached per format, and remembered
+        beside stored reference outputs: a second check of the same build skips the merge and the file)."""
+        from exporter.gate import reference_store as store
         from exporter.gate.registry import build
 
-        merged = self.merged()
-        dtype = control_type(fmt, merged)
-        key = (fmt, dtype)
-        if key not in self._controls:
+        name = store.measurement_name("control", fmt, self._weights_identity())
+        if fmt not in self._controls and (hit := store.recall(ref.key, name)) is not None:
+            log.info("control %s/%s: reused the measurement stored with the reference outputs", fmt, hit["dtype"])
+            self._controls[fmt] = Control(fmt, hit["dtype"], hit["metrics"], hit["limits"], hit["failures"])
+        if fmt not in self._controls:
+            merged = self.merged()
+            dtype = control_type(fmt, merged)
             path = build(fmt, merged, dtype, self.work, "control")
-            parity = metrics.compare(ref_logits, self._logits(fmt, path), [s.ids for s in self.samples])
+            parity = metrics.compare(ref.logits, self._logits(fmt, path), [s.ids for s in self.samples])
             m = parity.as_dict()
             limits = limits_for(fmt, dtype, positions=parity.positions)
-            self._controls[key] = Control(fmt, dtype, m, limits, violations(m, limits))
+            self._controls[fmt] = Control(fmt, dtype, m, limits, violations(m, limits))
             _remove(path)
-        return self._controls[key]
+            store.remember(ref.key, name, asdict(self._controls[fmt]))
+        return self._controls[fmt]
 
-    def measure(self, fmt: str, dtype: str) -> dict[str, float]:
-        """Parity of the same type, made from the base as trained, against that base (cached per type)."""
+    def measure(self, fmt: str, dtype: str, ref_key: str | None = None) -> dict[str, float]:
+        """Parity of the same type, made from the base as trained, against that base (cached per type, and
+        remembered beside the reference outputs of `ref_key`: the base as trained is a function of them)."""
+        from exporter.gate import reference_store as store
         from exporter.gate.registry import build
 
         key = (fmt, dtype.lower())
+        recipe = self.recipes.get(key[1]) if fmt == "gguf" else None
+        name = store.measurement_name("floor", fmt, key[1], self._weights_identity(),
+                                      None if recipe is None else recipe.identity())
+        if key not in self._floors and (hit := store.recall(ref_key, name)) is not None:
+            log.info("floor %s/%s: reused the measurement stored with the reference outputs", *key)
+            self._floors[key] = hit
         if key not in self._floors:
             base = self.base_as_trained()
             if self._base_logits is None:
                 self._base_logits = self._logits("hf", base)
-            path = build(fmt, base, key[1], self.work, "floor",
-                         recipe=self.recipes.get(key[1]) if fmt == "gguf" else None)
+            path = build(fmt, base, key[1], self.work, "floor", recipe=recipe)
             self._floors[key] = metrics.compare(self._base_logits, self._logits(fmt, path),
                                                 [s.ids for s in self.samples]).as_dict()
             _remove(path)
+            store.remember(ref_key, name, self._floors[key])
         return self._floors[key]
 
     def original_base_gguf(self) -> Path:

@@ -229,7 +229,7 @@ def reference_outputs(ref: ReferenceSource, yard, reuse: bool = True):
         log.info("reference: %s", describe(stored))
         outputs = {"reused": True, "key": key, "stored": str(stored.path), "created": stored.created,
                    "seconds_skipped": stored.seconds}
-        return RefOutputs(stored.logits, stored.generations), {**stored.reference_path, "outputs": outputs}
+        return RefOutputs(stored.logits, stored.generations, key), {**stored.reference_path, "outputs": outputs}
     t0 = time.perf_counter()
     runner = ref.open()
     try:
@@ -240,4 +240,42 @@ def reference_outputs(ref: ReferenceSource, yard, reuse: bool = True):
     if key is None:
         return out, {**path, "outputs": {"reused": False, "stored": None}}
     saved = save(key, out.logits, out.generations, path, time.perf_counter() - t0)
+    if saved is not None:
+        out = RefOutputs(out.logits, out.generations, key)
     return out, {**path, "outputs": {"reused": False, "key": key, "stored": str(saved) if saved else None}}
+
+
+# ------------------------------------------------------------------------- measurements beside the outputs
+
+
+def measurement_name(kind: str, *parts: Any) -> str:
+    """A remembered measurement's name within an entry: its kind and a hash of what else it depends on."""
+    return f"{kind}-" + hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def recall(key: str | None, name: str) -> dict | None:
+    """A measurement made from the outputs stored under `key` (the control's or a floor's metrics), or None.
+    The entry's key already covers the adapter, base, samples, versions and lorax's code; `name` the rest."""
+    root = store_dir()
+    path = root / key / "measured" / f"{name}.json" if key and root is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remember(key: str | None, name: str, value: dict) -> None:
+    """Store `value` beside the outputs of `key` (written aside, renamed; a failure only costs the reuse)."""
+    root = store_dir()
+    if not key or root is None or not (root / key).is_dir():
+        return
+    folder = root / key / "measured"
+    try:
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, folder / f"{name}.json")
+    except OSError as e:
+        log.warning("could not remember %s under %s (%s)", name, folder, e)

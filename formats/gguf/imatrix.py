@@ -58,6 +58,16 @@ class Imatrix:
             out[name] = (s / c).astype(np.float32) if c > 0 else np.ones_like(s)
         return out
 
+    def digest(self) -> str:
+        """sha256 of exactly what the quantizer receives (names and values), for cache keys."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, v in sorted(self.values().items()):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(v, dtype=np.float32).tobytes())
+        return h.hexdigest()
+
 
 def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
                     token_budget: int = DEFAULT_TOKEN_BUDGET, datasets: Sequence[str] = (),

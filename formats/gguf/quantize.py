@@ -66,6 +66,11 @@ class Recipe:
     def plain(self) -> bool:
         return self == Recipe()
 
+    def identity(self) -> list:
+        """What the quantized bytes depend on beyond the type and the source file (JSON-able, for cache keys)."""
+        return [None if self.imatrix is None else self.imatrix.digest(), [list(t) for t in self.tensor_types],
+                self.output_type, self.embedding_type]
+
     def describe(self) -> dict:
         return {"imatrix": None if self.imatrix is None else {"tokens": self.imatrix.tokens,
                                                               "tensors": len(self.imatrix.sums)},
