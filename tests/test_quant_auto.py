@@ -81,9 +81,9 @@ def test_imatrix_auto_uses_the_training_rows_and_floor_uses_it(adapter_with_data
     seen = {}
     real = floor_mod.Floor.measure
 
-    def spy(self, fmt, dtype):
+    def spy(self, fmt, dtype, ref_key=None):
         seen[dtype] = self.recipes.get(dtype)
-        return real(self, fmt, dtype)
+        return real(self, fmt, dtype, ref_key)
 
     monkeypatch.setattr(floor_mod.Floor, "measure", spy)
     out = tmp_path / "dist"
@@ -100,4 +100,6 @@ def test_imatrix_auto_uses_the_training_rows_and_floor_uses_it(adapter_with_data
     # the floor's q4_k_m was quantized with the same matrix as the shipped one
     assert seen["q4_k_m"] is not None and seen["q4_k_m"].imatrix is not None
     assert seen["q4_k_m"].imatrix.values().keys() == imx.values().keys()
+    # and with the shipped file's tensor overrides, as lorax.json records them
+    assert [f"{p}={t}" for p, t in seen["q4_k_m"].tensor_types] == art["recipe"]["tensor_types"] != []
     shutil.rmtree(out)
