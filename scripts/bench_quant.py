@@ -89,6 +89,8 @@ def main() -> int:
                     help="one more recipe on the matrix, e.g. q4_k_m:ffn_gate=q8_0,embd=q5_0 (repeatable)")
     ap.add_argument("--only", action="store_true", help="measure plain q4_k_m, lorax's default and --try only")
     ap.add_argument("--no-base", action="store_true", help="skip the original base's own q4_k_m line")
+    ap.add_argument("--base-types", default="q4_k_m", metavar="T,T", help="types of the original base measured "
+                    "against itself (i-quants with a matrix from the same training rows on the base)")
     ap.add_argument("--json", type=Path, help="write every row here")
     args = ap.parse_args()
 
@@ -123,8 +125,12 @@ def main() -> int:
 
         base = read_adapter(args.adapter).base_dir
         bref = reference(base, yard)
-        for m in measure([Candidate("q4_k_m")], intermediate(base, work, "base"), work, yard, bref):
-            rows_out.append({**m.row(), "name": "original base q4_k_m vs itself"})
+        types = args.base_types.split(",")
+        bimx = collect_imatrix(base, cal.sequences, token_budget=args.imatrix_tokens, datasets=[cal.source]) \
+            if any(t.startswith("iq") for t in types) else None
+        cands = [Candidate(t, Recipe(imatrix=bimx) if t.startswith("iq") else Recipe()) for t in types]
+        for m in measure(cands, intermediate(base, work, "base"), work, yard, bref):
+            rows_out.append({**m.row(), "name": f"original base {m.candidate.qtype} vs itself"})
     print(f"{len(samples)} held-out samples ({where}), {sum(len(s.ids) for s in samples)} tokens; reference "
           f"{t_ref - t0:.0f} s; imatrix {imx.tokens} tokens of {cal.rows} training rows in {t_imx - t_ref:.0f} s")
     ref_bytes = next(r["bytes"] for r in rows_out if r["name"] == "q4_k_m")

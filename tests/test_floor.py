@@ -160,7 +160,7 @@ def test_whole_writer_bug_fails_despite_the_floor(adapter, tmp_path, monkeypatch
 
 
 def test_unknown_or_ungated_types_are_refused_before_anything_is_written(adapter, tmp_path, capsys):
-    for q in ("q5_1", "q2_k", "iq4_xs", "q4_k_x"):
+    for q in ("q5_1", "q2_k", "iq1_s", "q4_k_x"):
         out = tmp_path / q
         assert main(["export", str(adapter), "--out", str(out), "--gguf", "--quant", q]) == 2
         err = capsys.readouterr().err

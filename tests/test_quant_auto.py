@@ -103,3 +103,24 @@ def test_imatrix_auto_uses_the_training_rows_and_floor_uses_it(adapter_with_data
     # and with the shipped file's tensor overrides, as lorax.json records them
     assert [f"{p}={t}" for p, t in seen["q4_k_m"].tensor_types] == art["recipe"]["tensor_types"] != []
     shutil.rmtree(out)
+
+
+def test_iquants_are_gated_with_their_matrix_and_refused_without_one(adapter_with_data, tmp_path, capsys):
+    """An i-quant ships with the fine-tune's matrix and its own gate row (floor quantized the same way);
+    asking for one that needs a matrix with --imatrix off is one line, exit 2, nothing written."""
+    out = tmp_path / "nomatrix"
+    rc = main(["export", str(adapter_with_data), "--out", str(out), "--gguf", "--quant", "iq3_xxs", "--imatrix", "off"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists()
+    assert len(err) == 1 and "--quant iq3_xxs needs an importance matrix" in err[0]
+    out = tmp_path / "dist"
+    rc = main(["export", str(adapter_with_data), "--out", str(out), "--gguf", "--quant", "iq4_xs", "--max-samples",
+               "3", "--floor", "always"])
+    assert rc in (0, 1)  # a tiny random model may fail a 4-bit row; the row and the recipe are what is tested
+    rec = json.loads((out / "lorax.json").read_text())
+    art = next(a for a in rec["artifacts"] if a["kind"] == "model")
+    assert art["type"] == "iq4_xs" and art["recipe"]["imatrix"] == "imatrix.gguf"
+    r = json.loads((out / "report.json").read_text())
+    row = next(t for t in r["targets"] if t["name"].endswith("iq4_xs.gguf"))
+    assert row["thresholds"]["kld_mean"] > 0 and row["floor"]["kld_mean"] > 0 and row["control"]["passed"]
+    assert GGUFReader(str(out / "model-iq4_xs.gguf")).fields["general.file_type"].contents() == 30  # IQ4_XS

@@ -82,6 +82,7 @@ def validate(source: Path, opts: ExportOptions) -> ExportOptions:
 
     from exporter.gate.registry import lookup, normalise_quants
     from formats.archs import SUPPORTED, source_model_type, unsupported_message
+    from formats.gguf.quantize import NEEDS_IMATRIX
 
     if not (opts.gguf or opts.onnx):
         raise LoraxError("nothing to export; pass --gguf and/or --onnx")
@@ -100,6 +101,10 @@ def validate(source: Path, opts: ExportOptions) -> ExportOptions:
     if opts.imatrix not in ("auto", "off") and not Path(opts.imatrix).is_file():
         raise LoraxError(f"--imatrix {opts.imatrix}: no such file (pass auto, off, or a GGUF imatrix file)")
     picked = normalise_quants([q for q in quants if q != "auto"]) + (("auto",) if "auto" in quants else ())
+    needs = [q for q in picked if q in NEEDS_IMATRIX]
+    if opts.gguf and needs and opts.imatrix == "off":
+        raise LoraxError(f"--quant {needs[0]} needs an importance matrix; drop --imatrix off (auto computes it from "
+                         "the training data) or pass --imatrix FILE")
     return replace(opts, quants=picked if opts.gguf else ())
 
 

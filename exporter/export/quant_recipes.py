@@ -17,9 +17,10 @@ from formats.gguf.quantize import NEEDS_IMATRIX, Recipe
 # tensor classes (GGUF names blk.N.<class>.weight) the sensitivity sweep bumps one at a time
 SENSITIVITY_CLASSES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
-# types where the fine-tune's own matrix lowered mean KLD on the demo (see module doc); i-quants need one
-# (q5_k_m measured worse with it: 0.135 -> 0.263); i-quants that need one get it
-IMATRIX_HELPS = frozenset({"q4_k_m", "q4_k_s"}) | NEEDS_IMATRIX
+# types where the fine-tune's own matrix lowered mean KLD on the demo (see module doc): q4_k_m, q4_k_s, iq4_xs
+# (0.574 -> 0.476); q5_k_m measured worse with it (0.135 -> 0.263). iq3_m was measured only with one, as
+# llama-quantize recommends for every i-quant; the low-bit i-quants cannot be made without one
+IMATRIX_HELPS = frozenset({"q4_k_m", "q4_k_s", "iq4_xs", "iq3_m"}) | NEEDS_IMATRIX
 
 # per-type tensor overrides lorax adds on top of the matrix (pattern, type), measured to pay for their bytes.
 # q4_k_m: of the seven tensor classes bumped one at a time (and five combinations, docs/QUANT.md), ffn_gate
@@ -59,6 +60,8 @@ def lorax_recipes(imx: Imatrix) -> list:
 
 # the sizes --quant auto chooses among (registry rows, lossy, 3-6 bits: q8_0 is the lossless-ish ceiling)
 AUTO_TYPES = ("q3_k_m", "q4_0", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_xs", "iq3_m", "iq3_xxs")
+# with a matrix only: plain i-quants of a QLoRA merge measured worse than with one (iq4_xs 0.574 vs 0.476)
+MATRIX_ONLY = frozenset({"iq4_xs", "iq3_m"}) | NEEDS_IMATRIX
 
 
 def auto_pool(imx: Imatrix | None, user: Recipe | None = None) -> list:
@@ -74,7 +77,7 @@ def auto_pool(imx: Imatrix | None, user: Recipe | None = None) -> list:
     for q in AUTO_TYPES:
         if q not in offered_types:
             continue
-        variants = [] if q in NEEDS_IMATRIX else [(Recipe(), "")]
+        variants = [] if q in MATRIX_ONLY else [(Recipe(), "")]
         if imx is not None:
             variants.append((Recipe(imatrix=imx), "imatrix"))
             if q in OVERRIDES:  # the default recipe, and the matrix alone for budgets its extra bytes miss

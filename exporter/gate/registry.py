@@ -30,6 +30,8 @@ _F16 = {"kld_mean": 1e-3, "kld_p99": 1e-2, "top1": 0.97, "ppl_ratio": 1.02, "gre
 _BF16 = {"kld_mean": 5e-3, "kld_p99": 5e-2, "top1": 0.94, "ppl_ratio": 1.03}
 _Q4_0 = {"kld_mean": 0.25, "kld_p99": 2.5, "top1": 0.75, "ppl_ratio": 1.45}
 
+_IQ_BASIS = ("original SmolLM2-135M-Instruct vs itself, its own matrix from the demo's 300 training rows, "
+             "24 held-out demo prompts (docs/QUANT.md):")
 F32_BASIS = "above the 4-bit reference's own noise (KLD ~5.6e-5); llama.cpp's converter f32 on SmolLM2: 1.4e-5"
 F16_BASIS = "f16 rounding of f32 weights: SmolLM2 KLD 1.05e-5 (ONNX f16), limits 100x above"
 BF16_BASIS = "bf16 rounding of float32 weights: QLoRA merge of SmolLM2 in bf16, mean KLD 3.6e-3"
@@ -68,6 +70,16 @@ def _rows() -> list[ExportType]:
         ExportType(g, "q4_k_m", {"kld_mean": 0.15, "kld_p99": 1.5, "top1": 0.80, "ppl_ratio": 1.30},
                    "llama.cpp q4_k_m on SmolLM2: 0.099 (DESIGN) / 0.054 (session 1) mean KLD", True, "f32"),
         ExportType(g, "q4_0", _Q4_0, "Llama-3-8B q4_0 0.072 (PR 6936) x ~3.5 for a 135M model", True, "f32"),
+        # i-quants, always with an importance matrix; limits ~2.2x the mean KLD (and ~3x the p99) the type
+        # costs the original SmolLM2-135M-Instruct with its own matrix, as q4_k_m's row is to its 0.069
+        ExportType(g, "iq4_xs", {"kld_mean": 0.3, "kld_p99": 3.5, "top1": 0.76, "ppl_ratio": 1.30},
+                   f"{_IQ_BASIS} iq4_xs 0.136 mean KLD, p99 1.21, top-1 0.863", True, "f32"),
+        ExportType(g, "iq3_m", {"kld_mean": 0.4, "kld_p99": 6.5, "top1": 0.71, "ppl_ratio": 1.35},
+                   f"{_IQ_BASIS} iq3_m 0.184 mean KLD, p99 2.25, top-1 0.811", True, "f32"),
+        ExportType(g, "iq3_xxs", {"kld_mean": 0.7, "kld_p99": 13.0, "top1": 0.69, "ppl_ratio": 1.35},
+                   f"{_IQ_BASIS} iq3_xxs 0.328 mean KLD, p99 4.48, top-1 0.790", True, "f32"),
+        ExportType(g, "iq2_m", {"kld_mean": 1.0, "kld_p99": 13.5, "top1": 0.64, "ppl_ratio": 1.40},
+                   f"{_IQ_BASIS} iq2_m 0.470 mean KLD, p99 4.56, top-1 0.745", True, "f32"),
         ExportType(o, "float32", {**_F32, "max_abs_logit": 1e-3}, "ONNX f32 export of SmolLM2: max |dlogit| 1.1e-4"),
         ExportType(o, "float16", _F16, F16_BASIS),
         ExportType(o, "int8", {"kld_mean": 0.1, "kld_p99": 1.0, "top1": 0.85, "ppl_ratio": 1.2},
