@@ -63,9 +63,13 @@ def test_collection_is_the_hand_computed_sum_of_squares(imx, model, seqs):
         emb = model.model.embed_tokens(torch.tensor([t for s in [*seqs[:3], seqs[3][:30]] for t in s]))
         x0 = layers[0].input_layernorm(emb).double()
         want_q0 = (x0 * x0).sum(0)
+        # the untied output's input: the decoder's last (normed) hidden state, each sequence alone
+        want_out = sum((model.model(input_ids=torch.tensor([ids])).last_hidden_state[0].double() ** 2).sum(0)
+                       for ids in [*seqs[:3], seqs[3][:30]])
     np.testing.assert_allclose(imx.sums["blk.0.attn_q.weight"], want_q0.numpy(), rtol=1e-5)
     np.testing.assert_allclose(imx.sums["blk.1.attn_k.weight"], want_q.numpy(), rtol=1e-5)
-    assert imx.counts["blk.0.attn_q.weight"] == 150
+    np.testing.assert_allclose(imx.sums["output.weight"], want_out.numpy(), rtol=1e-5)
+    assert imx.counts["blk.0.attn_q.weight"] == 150 == imx.counts["output.weight"]
     # q, k, v share one input; the value the quantizer gets is the mean
     np.testing.assert_array_equal(imx.sums["blk.0.attn_q.weight"], imx.sums["blk.0.attn_v.weight"])
     np.testing.assert_allclose(imx.values()["blk.0.attn_q.weight"], want_q0.numpy() / 150, rtol=1e-5)
