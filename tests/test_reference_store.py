@@ -162,3 +162,12 @@ def test_control_and_floor_are_remembered_with_the_outputs(nf4_adapter, merged, 
     assert third.targets[0].control["metrics"] == a.control["metrics"]  # the same weights, the same numbers
     check(nf4_adapter, [gguf], GateOptions(floor="always", merged_dir=merged))
     assert len(builds) == 4 and len(merges) == 3
+    # a new llama.cpp (the drift CI exists for) runs the control and the floor anew: the reference's own
+    # outputs do not depend on it, so the entry is reused, but nothing measured in llama.cpp is
+    import lorax_common.versions as versions
+
+    real_versions = versions.package_versions
+    monkeypatch.setattr(versions, "package_versions", lambda: {**real_versions(), "llama-cpp-python": "9.9.9"})
+    fourth = check(nf4_adapter, [gguf], GateOptions(floor="always"))
+    assert fourth.reference_path["outputs"]["reused"] is True
+    assert len(builds) == 6  # control f32 and floor q8_0 rebuilt

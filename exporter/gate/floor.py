@@ -177,20 +177,22 @@ class Floor:
         from exporter.gate import reference_store as store
         from exporter.gate.registry import build
 
+        if fmt in self._controls:
+            return self._controls[fmt]
         name = store.measurement_name("control", fmt, self._weights_identity())
-        if fmt not in self._controls and (hit := store.recall(ref.key, name)) is not None:
+        if (hit := store.recall(ref.key, name)) is not None:
             log.info("control %s/%s: reused the measurement stored with the reference outputs", fmt, hit["dtype"])
             self._controls[fmt] = Control(fmt, hit["dtype"], hit["metrics"], hit["limits"], hit["failures"])
-        if fmt not in self._controls:
-            merged = self.merged()
-            dtype = control_type(fmt, merged)
-            path = build(fmt, merged, dtype, self.work, "control")
-            parity = metrics.compare(ref.logits, self._logits(fmt, path), [s.ids for s in self.samples])
-            m = parity.as_dict()
-            limits = limits_for(fmt, dtype, positions=parity.positions)
-            self._controls[fmt] = Control(fmt, dtype, m, limits, violations(m, limits))
-            _remove(path)
-            store.remember(ref.key, name, asdict(self._controls[fmt]))
+            return self._controls[fmt]
+        merged = self.merged()
+        dtype = control_type(fmt, merged)
+        path = build(fmt, merged, dtype, self.work, "control")
+        parity = metrics.compare(ref.logits, self._logits(fmt, path), [s.ids for s in self.samples])
+        m = parity.as_dict()
+        limits = limits_for(fmt, dtype, positions=parity.positions)
+        self._controls[fmt] = Control(fmt, dtype, m, limits, violations(m, limits))
+        _remove(path)
+        store.remember(ref.key, name, asdict(self._controls[fmt]))
         return self._controls[fmt]
 
     def measure(self, fmt: str, dtype: str, ref_key: str | None = None) -> dict[str, float]:
@@ -200,21 +202,23 @@ class Floor:
         from exporter.gate.registry import build
 
         key = (fmt, dtype.lower())
+        if key in self._floors:
+            return self._floors[key]
         recipe = self.recipes.get(key[1]) if fmt == "gguf" else None
         name = store.measurement_name("floor", fmt, key[1], self._weights_identity(),
                                       None if recipe is None else recipe.identity())
-        if key not in self._floors and (hit := store.recall(ref_key, name)) is not None:
+        if (hit := store.recall(ref_key, name)) is not None:
             log.info("floor %s/%s: reused the measurement stored with the reference outputs", *key)
             self._floors[key] = hit
-        if key not in self._floors:
-            base = self.base_as_trained()
-            if self._base_logits is None:
-                self._base_logits = self._logits("hf", base)
-            path = build(fmt, base, key[1], self.work, "floor", recipe=recipe)
-            self._floors[key] = metrics.compare(self._base_logits, self._logits(fmt, path),
-                                                [s.ids for s in self.samples]).as_dict()
-            _remove(path)
-            store.remember(ref_key, name, self._floors[key])
+            return hit
+        base = self.base_as_trained()
+        if self._base_logits is None:
+            self._base_logits = self._logits("hf", base)
+        path = build(fmt, base, key[1], self.work, "floor", recipe=recipe)
+        self._floors[key] = metrics.compare(self._base_logits, self._logits(fmt, path),
+                                            [s.ids for s in self.samples]).as_dict()
+        _remove(path)
+        store.remember(ref_key, name, self._floors[key])
         return self._floors[key]
 
     def original_base_gguf(self) -> Path:

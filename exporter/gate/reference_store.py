@@ -249,8 +249,13 @@ def reference_outputs(ref: ReferenceSource, yard, reuse: bool = True):
 
 
 def measurement_name(kind: str, *parts: Any) -> str:
-    """A remembered measurement's name within an entry: its kind and a hash of what else it depends on."""
-    return f"{kind}-" + hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    """A remembered measurement's name within an entry: its kind and a hash of what else it depends on, with
+    every runtime's version (the entry's key covers only the reference's stack; a control or floor also runs
+    the writers and their clients: gguf, llama-cpp-python, onnx, onnxruntime)."""
+    from lorax_common.versions import package_versions
+
+    blob = json.dumps([parts, package_versions()], sort_keys=True, default=str)
+    return f"{kind}-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def recall(key: str | None, name: str) -> dict | None:
