@@ -114,6 +114,7 @@ def peer_quantize(sdist: Path | None = None) -> Path | None:
     dest = CACHE / "peer" / (sdist.name.removesuffix(".tar.gz") + "-llama-quantize")
     if dest.is_file():
         return dest
+    CACHE.mkdir(parents=True, exist_ok=True)
     src = Path(tempfile.mkdtemp(dir=CACHE))
     try:
         with tarfile.open(sdist) as tar:
@@ -125,7 +126,9 @@ def peer_quantize(sdist: Path | None = None) -> Path | None:
         gen = ["-G", "Ninja"] if shutil.which("ninja") else []
         for cmd in (["cmake", "-S", str(root), "-B", str(root / "build"), *gen, *flags],
                     ["cmake", "--build", str(root / "build"), "--target", "llama-quantize", "-j", str(os.cpu_count())]):
-            if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode != 0:
+            run = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if run.returncode != 0:  # say why, so a skipped check is not silent
+                print(f"llama-quantize build failed ({cmd[1]}): {run.stderr[-1500:]}", file=sys.stderr)
                 return None
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / "build" / "bin" / "llama-quantize", dest.with_suffix(".tmp"))

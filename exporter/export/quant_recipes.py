@@ -44,18 +44,19 @@ def wants_imatrix(quants: tuple[str, ...] | list[str]) -> bool:
     return any(q in IMATRIX_HELPS for q in quants)
 
 
-def _label(overrides: tuple[tuple[str, str], ...]) -> str:
-    """`((r"\\.ffn_gate\\.", "q6_k"),)` -> "ffn_gate=q6_k", for tables."""
-    return ",".join(f"{p.replace(chr(92), '').strip('.')}={t}" for p, t in overrides)
+def recipe_label(recipe: Recipe) -> str:
+    """What a recipe adds, for tables: "imatrix", "imatrix,ffn_gate=q6_k" (patterns without regex escapes)."""
+    parts = ["imatrix"] if recipe.imatrix is not None else []
+    return ",".join(parts + [f"{p.replace(chr(92), '').strip('.')}={t}" for p, t in recipe.tensor_types])
 
 
 def lorax_recipes(imx: Imatrix) -> list:
     """The bench's pool besides plain types: every lossy type with the matrix (and its default overrides)."""
     from exporter.export.quant_auto import Candidate
 
-    return [Candidate(q, Recipe(imatrix=imx, tensor_types=OVERRIDES.get(q, ())),
-                      "imatrix," + _label(OVERRIDES[q]) if q in OVERRIDES else "imatrix")
-            for q in ("q4_k_m", "q4_k_s", "q5_k_s", "q5_k_m", "q3_k_m", "iq4_xs", "iq3_m", "iq3_xxs", "q6_k")]
+    recipes = [(q, Recipe(imatrix=imx, tensor_types=OVERRIDES.get(q, ())))
+               for q in ("q4_k_m", "q4_k_s", "q5_k_s", "q5_k_m", "q3_k_m", "iq4_xs", "iq3_m", "iq3_xxs", "q6_k")]
+    return [Candidate(q, r, recipe_label(r)) for q, r in recipes]
 
 
 # the sizes --quant auto chooses among (registry rows, lossy, 3-6 bits: q8_0 is the lossless-ish ceiling)
@@ -77,14 +78,15 @@ def auto_pool(imx: Imatrix | None, user: Recipe | None = None) -> list:
     for q in AUTO_TYPES:
         if q not in offered_types:
             continue
-        variants = [] if q in MATRIX_ONLY else [(Recipe(), "")]
+        variants = [] if q in MATRIX_ONLY else [Recipe()]
         if imx is not None:
-            variants.append((Recipe(imatrix=imx), "imatrix"))
+            variants.append(Recipe(imatrix=imx))
             if q in OVERRIDES:  # the default recipe, and the matrix alone for budgets its extra bytes miss
-                variants.append((Recipe(imatrix=imx, tensor_types=OVERRIDES[q]), "imatrix," + _label(OVERRIDES[q])))
-        for r, label in variants:
-            r = replace(r, tensor_types=user.tensor_types + r.tensor_types,
-                        output_type=user.output_type or r.output_type,
-                        embedding_type=user.embedding_type or r.embedding_type)
+                variants.append(Recipe(imatrix=imx, tensor_types=OVERRIDES[q]))
+        for v in variants:
+            label = recipe_label(v)  # before the user's overrides, which every candidate shares
+            r = replace(v, tensor_types=user.tensor_types + v.tensor_types,
+                        output_type=user.output_type or v.output_type,
+                        embedding_type=user.embedding_type or v.embedding_type)
             pool.append(Candidate(q, r, label))
     return pool
