@@ -23,6 +23,7 @@ from typing import Any
 from gguf import GGUFWriter, SpecialVocab, TokenType
 
 from formats.errors import FormatError
+from formats.gguf.spm import spm_tokens
 from lorax_common.files import check_tokenizer_files
 
 # --------------------------------------------------------------------------- pre-tokenizer name tables
@@ -55,15 +56,14 @@ PRE_BY_HASH: dict[str, str] = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM-135M
 }
 
-# special-token kinds a causal LM's GGUF carries (cls/mask are encoder tokens with no GGUF key to hold them)
-GGUF_SPECIALS = ("bos", "eos", "unk", "sep", "pad")
+# special-token kinds a causal LM's GGUF carries (llama.cpp reads no cls id; it does read mask, which Gemma has)
+GGUF_SPECIALS = ("bos", "eos", "unk", "sep", "pad", "mask")
+
+# llama.cpp's pre-tokenizer name for SentencePiece vocabularies (its SPM tokenizer has only the one)
+SPM_PRE = "default"
 
 # end-of-turn token texts of common chat formats; the one the chat template uses becomes tokenizer.ggml.eot
 EOT_TEXTS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-
-# sentencepiece ModelProto.SentencePiece.Type -> GGUF token type
-SPM_TYPES = {1: TokenType.NORMAL, 2: TokenType.UNKNOWN, 3: TokenType.CONTROL, 4: TokenType.USER_DEFINED,
-             5: TokenType.UNUSED, 6: TokenType.BYTE}
 
 
 def structure(node: Mapping[str, Any] | None) -> tuple | None:
@@ -124,6 +124,7 @@ class Vocab:
     add_eos: bool
     chat_template: str | None
     spm_flags: dict[str, bool] = field(default_factory=dict)  # add_space_prefix, remove_extra_whitespaces
+    add_sep: bool | None = None  # only where the tokenizer files say (llama.cpp reads it for rerankers alone)
 
     def add_to(self, w: GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
@@ -139,6 +140,8 @@ class Vocab:
             getattr(w, f"add_{kind}_token_id")(tid)
         w.add_add_bos_token(self.add_bos)
         w.add_add_eos_token(self.add_eos)
+        if self.add_sep is not None:
+            w.add_add_sep_token(self.add_sep)
         if "add_space_prefix" in self.spm_flags:
             w.add_add_space_prefix(self.spm_flags["add_space_prefix"])
         if "remove_extra_whitespaces" in self.spm_flags:
@@ -165,8 +168,9 @@ def load_vocab(hf_dir: str | Path, vocab_size: int, hf_tokenizer=None) -> Vocab:
     tj_path = hf_dir / "tokenizer.json"
     tj = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else {}
     if (hf_dir / "tokenizer.model").is_file():
-        tokens, types, scores, spm_flags = _spm_tokens(hf_dir / "tokenizer.model", tj, vocab_size)
-        model, pre, merges = "llama", None, []
+        tokens, types, scores, spm_flags = spm_tokens(hf_dir / "tokenizer.model", tok.added_tokens_decoder, vocab_size)
+        _pad(tokens, types, vocab_size, scores)
+        model, pre, merges = "llama", SPM_PRE, []
     elif tj.get("model", {}).get("type") == "BPE" and not tj["model"].get("byte_fallback"):
         tokens, types = _bpe_tokens(tj, vocab_size)
         scores, spm_flags, model = None, {}, "gpt2"
@@ -181,7 +185,8 @@ def load_vocab(hf_dir: str | Path, vocab_size: int, hf_tokenizer=None) -> Vocab:
     if (eot := _eot_id(tokens, types, template)) is not None:
         special_ids["eot"] = eot
     add_bos, add_eos = measure_added_specials(tok)
-    return Vocab(model, pre, tokens, types, scores, merges, special_ids, add_bos, add_eos, template, spm_flags)
+    return Vocab(model, pre, tokens, types, scores, merges, special_ids, add_bos, add_eos, template, spm_flags,
+                 add_sep=special.add_special_token.get("sep"))
 
 
 def _pad(tokens: list[str], types: list[int], vocab_size: int, scores: list[float] | None = None) -> None:
@@ -207,28 +212,6 @@ def _bpe_tokens(tj: Mapping[str, Any], vocab_size: int) -> tuple[list[str], list
     types = [by_id[i][1] if i in by_id else TokenType.UNUSED for i in range(n)]
     _pad(tokens, types, vocab_size)
     return tokens, types
-
-
-def _spm_tokens(model_file: Path, tj: Mapping[str, Any], vocab_size: int):
-    from sentencepiece import sentencepiece_model_pb2 as spm_pb
-
-    proto = spm_pb.ModelProto()
-    proto.ParseFromString(model_file.read_bytes())
-    tokens = [p.piece for p in proto.pieces]
-    scores = [p.score for p in proto.pieces]
-    types = [SPM_TYPES.get(p.type, TokenType.NORMAL) for p in proto.pieces]
-    extra = sorted((a for a in tj.get("added_tokens", []) if a["id"] >= len(tokens)), key=lambda a: a["id"])
-    for added in extra:
-        if added["id"] != len(tokens):
-            raise FormatError(f"added token {added['content']!r} has id {added['id']}, expected {len(tokens)}: "
-                              "added tokens must follow the SentencePiece vocabulary without gaps")
-        tokens.append(added["content"])
-        scores.append(-1000.0)
-        types.append(TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED)
-    _pad(tokens, types, vocab_size, scores)
-    flags = {"add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix),
-             "remove_extra_whitespaces": bool(proto.normalizer_spec.remove_extra_whitespaces)}
-    return tokens, types, scores, flags
 
 
 def _eot_id(tokens: list[str], types: list[int], template: str | None) -> int | None:
