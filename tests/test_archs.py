@@ -37,7 +37,7 @@ def model_type_of(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    # dir names stay clear of "phi3": llama.cpp keys a Phi-3 vocab quirk on general.name (see test below)
+    # llama.cpp keys a Phi-3 vocab rule on general.name; the writer guards it (tests/test_gguf_names.py)
     root = tmp_path_factory.mktemp("archs")
     return {a: build_tiny_model(root / f"tiny-{i}", arch=a) for i, a in enumerate(NEW)}
 

@@ -125,6 +125,7 @@ class Vocab:
     chat_template: str | None
     spm_flags: dict[str, bool] = field(default_factory=dict)  # add_space_prefix, remove_extra_whitespaces
     add_sep: bool | None = None  # only where the tokenizer files say (llama.cpp reads it for rerankers alone)
+    rstrip: frozenset[int] = frozenset()  # added tokens that swallow the whitespace after them (formats.gguf.names)
 
     def add_to(self, w: GGUFWriter) -> None:
         w.add_tokenizer_model(self.model)
@@ -185,8 +186,9 @@ def load_vocab(hf_dir: str | Path, vocab_size: int, hf_tokenizer=None) -> Vocab:
     if (eot := _eot_id(tokens, types, template)) is not None:
         special_ids["eot"] = eot
     add_bos, add_eos = measure_added_specials(tok)
+    rstrip = frozenset(i for i, t in tok.added_tokens_decoder.items() if t.rstrip)
     return Vocab(model, pre, tokens, types, scores, merges, special_ids, add_bos, add_eos, template, spm_flags,
-                 add_sep=special.add_special_token.get("sep"))
+                 add_sep=special.add_special_token.get("sep"), rstrip=rstrip)
 
 
 def _pad(tokens: list[str], types: list[int], vocab_size: int, scores: list[float] | None = None) -> None:

@@ -26,6 +26,7 @@ from gguf import MODEL_TENSOR as T
 from formats.errors import FormatError
 from formats.fsutil import atomic_file
 from formats.gguf import arch as archmod
+from formats.gguf.names import gguf_name
 from formats.gguf.tokenizer import Vocab, load_vocab
 from lorax_common.files import read_json_object, safetensors_header, weight_files
 
@@ -212,7 +213,7 @@ def write_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16", 
 
     w = GGUFWriter(path=None, arch=spec.name)
     w.add_type("model")
-    w.add_name(name or hf_dir.name)
+    w.add_name(gguf_name(name or hf_dir.name, vocab.tokens, vocab.types, vocab.rstrip))
     w.add_file_type(int(ftype))
     w.add_quantization_version(GGML_QUANT_VERSION)
     for key, value, vtype in items:
