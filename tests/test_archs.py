@@ -200,3 +200,26 @@ def test_qlora_adapter_merges_exactly(models, tmp_path, name):
     print(f"\n{name}: merged vs PEFT max|dlogit| {exact.max_abs_logit:.3g}")
     assert exact.max_abs_logit <= EXACT, exact
     assert compare(logits(base, ids), logits(merged, ids), ids).max_abs_logit > 0.5  # the adapter changed it
+
+
+def test_phi3_longrope_runs_within_its_original_context(models, ggufs, monkeypatch):
+    """llama.cpp picks longrope's long factors by its context size, transformers by sequence length: the runner
+    keeps every sequence's context within original_max_position_embeddings (1024 here), batched decoding too."""
+    from gguf_helpers import reference
+
+    from exporter.gate.metrics import compare
+    from formats.gguf import runner
+    from formats.gguf.runner import GGUFRunner
+
+    cfg = json.loads((models["phi3"] / "config.json").read_text())
+    assert any(c.startswith("longrope: llama.cpp uses the long rope factors") for c in arch.caveats(cfg))
+    ids, hf = reference(models["phi3"])
+    with GGUFRunner(ggufs["phi3"], n_ctx=4096) as r:
+        assert r.n_ctx == 1024
+        prompts = [ids[:600], ids[1:601]]  # 1200 cells in one shared cache would exceed 1024
+        assert r.generate_batch(prompts, 8) == [r.generate(p, 8) for p in prompts]
+    monkeypatch.setattr(runner, "longrope_context", lambda path: None)  # planted: the context left at 4096
+    with GGUFRunner(ggufs["phi3"], n_ctx=4096, n_threads=1) as r:
+        wide = compare([hf], [r.logits(ids)], [ids])
+    print(f"\nphi3 with a 4096 context (long factors): kld {wide.kld_mean:.3g}")
+    assert wide.kld_mean > 1e-2

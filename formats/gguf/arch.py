@@ -107,14 +107,31 @@ class ArchSpec:
 
 def caveats(cfg: Mapping[str, Any]) -> list[str]:
     """Config features the GGUF cannot carry but which only matter past some length (reported, not fatal)."""
+    return [text for check in (_window_caveat, _longrope_caveat) if (text := check(cfg))]
+
+
+def _window_caveat(cfg: Mapping[str, Any]) -> str | None:
     spec = ARCHS.get(cfg.get("model_type"))
     if spec is not None and spec.applies_sliding_window:
-        return []
+        return None
     window = cfg.get("sliding_window")
     if window and cfg.get("use_sliding_window", True) and window < cfg.get("max_position_embeddings", 0):
-        return [f"sliding_window={window}: llama.cpp attends to the whole context for this architecture, so "
-                f"outputs differ from transformers on sequences longer than {window} tokens"]
-    return []
+        return (f"sliding_window={window}: llama.cpp attends to the whole context for this architecture, so "
+                f"outputs differ from transformers on sequences longer than {window} tokens")
+    return None
+
+
+def _longrope_caveat(cfg: Mapping[str, Any]) -> str | None:
+    try:
+        hp = hparams(cfg)
+    except (KeyError, TypeError):
+        return None
+    orig = hp.rope.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    if hp.rope["rope_type"] not in ("longrope", "su") or not orig or hp.n_ctx <= orig:
+        return None
+    return (f"longrope: llama.cpp uses the long rope factors for every prompt once its context (-c) exceeds {orig} "
+            f"tokens, transformers only for sequences longer than {orig}; run llama.cpp with -c {orig} or less "
+            "to get the trained model's outputs on prompts that fit (the gate does)")
 
 
 def arch_spec(cfg: Mapping[str, Any]) -> ArchSpec:

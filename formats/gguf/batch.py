@@ -19,6 +19,8 @@ import numpy as np
 from formats.errors import FormatError
 from formats.runner import greedy_batch
 
+CTX_PAD = 256  # llama.cpp pads every context (and per-sequence context) to a multiple of this many cells
+
 
 class _Batch:
     """A llama_batch owned here (freed on close), filled token by token."""
@@ -44,8 +46,9 @@ class _Batch:
             self.batch = None
 
 
-def _context(llm, n_seq: int, n_ctx: int):
-    """A context on `llm`'s model for `n_seq` sequences sharing `n_ctx` cache cells, with llm's settings."""
+def _context(llm, n_seq: int, n_ctx: int, unified: bool = True):
+    """A context on `llm`'s model for `n_seq` sequences sharing `n_ctx` cache cells (or n_ctx / n_seq each when
+    not `unified`), with llm's settings."""
     import llama_cpp
 
     params = llama_cpp.llama_context_default_params()
@@ -56,7 +59,7 @@ def _context(llm, n_seq: int, n_ctx: int):
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = min(n_ctx, 512)
     params.n_seq_max = n_seq
-    params.kv_unified = True
+    params.kv_unified = unified
     ctx = llama_cpp.llama_init_from_model(llm.model, params)
     if ctx is None:
         raise FormatError(f"llama.cpp could not create a {n_seq}-sequence context of {n_ctx} cells")
@@ -69,8 +72,11 @@ def _context(llm, n_seq: int, n_ctx: int):
     return ctx
 
 
-def generate_many(llm, prompts: list[list[int]], n: int, stop: set[int]) -> list[list[int]]:
-    """Up to `n` greedy tokens after each prompt (each cut after its first stop token)."""
+def generate_many(llm, prompts: list[list[int]], n: int, stop: set[int], seq_cap: int | None = None
+                  ) -> list[list[int]]:
+    """Up to `n` greedy tokens after each prompt (each cut after its first stop token). `seq_cap`: llama.cpp's
+    context per sequence must stay within it (Phi-3 longrope, formats/gguf/runner.py), so each sequence gets
+    its own cells instead of one shared cache."""
     import llama_cpp
 
     if not prompts or any(not p for p in prompts):
@@ -80,7 +86,14 @@ def generate_many(llm, prompts: list[list[int]], n: int, stop: set[int]) -> list
                           "parallel sequences; split the batch")
     n_ctx = sum(len(p) + n for p in prompts) + 16
     n_vocab = llm.n_vocab()
-    ctx = _context(llm, len(prompts), n_ctx)
+    if seq_cap:
+        per_seq = -(-(max(len(p) for p in prompts) + n) // CTX_PAD) * CTX_PAD  # llama.cpp pads to CTX_PAD
+        if per_seq > seq_cap:
+            raise FormatError(f"a prompt of {max(len(p) for p in prompts)} tokens plus {n} generated exceeds "
+                              f"{seq_cap}, the context that keeps llama.cpp on Phi-3's short rope factors")
+        ctx = _context(llm, len(prompts), per_seq * len(prompts), unified=False)
+    else:
+        ctx = _context(llm, len(prompts), n_ctx)
     chunk = min(n_ctx, 512)
     batch = _Batch(chunk, len(prompts))
     lengths = [len(p) for p in prompts]

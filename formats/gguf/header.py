@@ -61,19 +61,23 @@ def _value(fh: BinaryIO, vtype: int, path: Path, keep: bool) -> Any:
     return _unpack(fh, SCALARS[vtype], path)
 
 
+def _counts(fh: BinaryIO, path: Path) -> tuple[int, int]:
+    """(tensor count, kv count) after checking magic and version."""
+    if _read(fh, 4, path) != MAGIC:
+        raise FormatError(f"{path}: not a GGUF file (bad magic); pass a .gguf written by lorax or llama.cpp")
+    version = _unpack(fh, "<I", path)
+    if not 1 <= version <= 3:
+        raise FormatError(f"{path}: GGUF version {version} is not one lorax reads (1-3, little-endian)")
+    return _unpack(fh, "<Q", path), _unpack(fh, "<Q", path)
+
+
 def read_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
     """The values of `keys` found in the header (absent keys are absent from the result)."""
     path = Path(path)
     found: dict[str, Any] = {}
     try:
         with open(path, "rb") as fh:
-            if _read(fh, 4, path) != MAGIC:
-                raise FormatError(f"{path}: not a GGUF file (bad magic); pass a .gguf written by lorax or llama.cpp")
-            version = _unpack(fh, "<I", path)
-            if not 1 <= version <= 3:
-                raise FormatError(f"{path}: GGUF version {version} is not one lorax reads (1-3, little-endian)")
-            _unpack(fh, "<Q", path)  # tensor count
-            for _ in range(_unpack(fh, "<Q", path)):
+            for _ in range(_counts(fh, path)[1]):
                 key = _string(fh, path, keep=True)
                 vtype = _unpack(fh, "<I", path)
                 wanted = key in keys
@@ -85,3 +89,22 @@ def read_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
     except OSError as e:
         raise FormatError(f"{path}: cannot read the GGUF file ({e.strerror or e})") from None
     return found
+
+
+def tensor_names(path: str | Path) -> list[str]:
+    """Names of the tensors in the file, from the tensor index after the kv section (per tensor: name,
+    uint32 n_dims, n_dims uint64 dims, uint32 type, uint64 offset)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            n_tensors, n_kv = _counts(fh, path)
+            for _ in range(n_kv):
+                _string(fh, path, keep=False)
+                _value(fh, _unpack(fh, "<I", path), path, keep=False)
+            names = []
+            for _ in range(n_tensors):
+                names.append(_string(fh, path, keep=True))
+                fh.seek(8 * _unpack(fh, "<I", path) + 4 + 8, 1)
+            return names
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read the GGUF file ({e.strerror or e})") from None

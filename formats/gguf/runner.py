@@ -7,6 +7,10 @@
 
 The KV cache is f32 by default (llama.cpp's own default is f16, which alone moves an exact f32 file by ~0.02
 in the logits): the gate measures the file, not the cache setting; `kv_cache="f16"` measures the runtime default.
+
+Phi-3 longrope: llama.cpp applies the long rope factors whenever its context per sequence exceeds the original
+context length, transformers only to sequences longer than it. The runner therefore keeps its context (and the
+batch's per-sequence context) within that length, so sequences that fit run with the short factors in both.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from formats.errors import FormatError
+from formats.gguf.batch import CTX_PAD
 from formats.gguf.llama_log import capture_llama_log
 from formats.runner import greedy_loop
 
@@ -37,6 +42,8 @@ class GGUFRunner:
         if lora_path is not None and not Path(lora_path).is_file():
             raise FormatError(f"{lora_path}: no such LoRA GGUF file")
         self.name = name or f"gguf:{self.path.name}" + (f"+{Path(lora_path).name}" if lora_path else "")
+        self.seq_cap = longrope_context(self.path)
+        n_ctx = min(n_ctx, self.seq_cap) if self.seq_cap else n_ctx
         self.n_ctx = n_ctx
         with capture_llama_log() as log:
             try:
@@ -79,7 +86,8 @@ class GGUFRunner:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         ids = list(ids)
         if len(ids) > self.n_ctx:
-            raise FormatError(f"{len(ids)} tokens exceed the runner's context of {self.n_ctx}")
+            why = " (Phi-3 longrope's original context: see formats/gguf/runner.py)" if self.seq_cap else ""
+            raise FormatError(f"{len(ids)} tokens exceed the runner's context of {self.n_ctx}{why}")
         self.llm.reset()
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32, copy=True)
@@ -102,7 +110,7 @@ class GGUFRunner:
         """Greedy decoding of every prompt at once, one llama.cpp sequence id per prompt (formats.gguf.batch)."""
         from formats.gguf.batch import generate_many
 
-        return generate_many(self.llm, [list(p) for p in prompts], n, self.stop)
+        return generate_many(self.llm, [list(p) for p in prompts], n, self.stop, seq_cap=self.seq_cap)
 
     def close(self) -> None:
         """Free the model now (llama-cpp-python's finalizer fails if it only runs at interpreter exit)."""
@@ -115,6 +123,18 @@ class GGUFRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def longrope_context(path: Path) -> int | None:
+    """The largest context that keeps llama.cpp on the short longrope factors (None: the file has none)."""
+    from formats.gguf.header import read_values, tensor_names
+
+    if "rope_factors_long.weight" not in tensor_names(path):
+        return None
+    arch = read_values(path, {"general.architecture"}).get("general.architecture")
+    key = f"{arch}.rope.scaling.original_context_length"
+    orig = read_values(path, {key}).get(key)
+    return orig // CTX_PAD * CTX_PAD if orig else None
 
 
 def _reason(log: list[str], default: str) -> str:
