@@ -170,3 +170,17 @@ def test_onnx_export_dir_carries_the_gemma_tokenizer(gemma, tok, tmp_path):
     chat = [{"role": "user", "content": "Name a city."}]
     assert shipped.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
         tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+
+def test_a_tokenizer_model_from_another_model_is_refused(gemma, tmp_path):
+    """The merge takes the base's tokenizer.model when the adapter dir has only tokenizer.json (transformers 5
+    saves no tokenizer.model); the writer checks that the two files number the pieces alike."""
+    import shutil
+
+    from tiny_gemma import train_gemma_spm
+
+    other = tmp_path / "other"
+    shutil.copytree(gemma, other)
+    (other / "tokenizer.model").write_bytes(train_gemma_spm(vocab_size=600))
+    with pytest.raises(FormatError, match=r"tokenizer.model has .* tokenizer.json at \d+; the two tokenizer files"):
+        load_vocab(other, 640)

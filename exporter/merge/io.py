@@ -116,6 +116,12 @@ def write_support_files(info: AdapterInfo, out_dir: Path, out_dtype: str, untied
     for name in TOKENIZER_FILES:
         if (tok_dir / name).exists():
             shutil.copy2(tok_dir / name, out_dir / name)
+    # transformers 5 saves a SentencePiece tokenizer (Gemma, Llama 2) as tokenizer.json alone, so an adapter dir
+    # lacks the tokenizer.model llama.cpp's vocabulary is built from: the base's (the GGUF writer checks that the
+    # two files agree on every piece)
+    spm = "tokenizer.model"
+    if not (out_dir / spm).exists() and (info.base_dir / spm).exists():
+        shutil.copy2(info.base_dir / spm, out_dir / spm)
     patch_dir(out_dir)
 
 

@@ -170,6 +170,7 @@ def load_vocab(hf_dir: str | Path, vocab_size: int, hf_tokenizer=None) -> Vocab:
     tj = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else {}
     if (hf_dir / "tokenizer.model").is_file():
         tokens, types, scores, spm_flags = spm_tokens(hf_dir / "tokenizer.model", tok.added_tokens_decoder, vocab_size)
+        check_same_pieces(tokens, tj, hf_dir)
         _pad(tokens, types, vocab_size, scores)
         model, pre, merges = "llama", SPM_PRE, []
     elif tj.get("model", {}).get("type") == "BPE" and not tj["model"].get("byte_fallback"):
@@ -214,6 +215,18 @@ def _bpe_tokens(tj: Mapping[str, Any], vocab_size: int) -> tuple[list[str], list
     types = [by_id[i][1] if i in by_id else TokenType.UNUSED for i in range(n)]
     _pad(tokens, types, vocab_size)
     return tokens, types
+
+
+def check_same_pieces(tokens: list[str], tj: Mapping[str, Any], hf_dir: Path) -> None:
+    """tokenizer.json (what transformers runs) must give every piece of tokenizer.model (what the GGUF holds) the
+    same id; a tokenizer.model from elsewhere (the base's, beside an adapter's tokenizer.json) may not."""
+    vocab = tj.get("model", {}).get("vocab")
+    if not isinstance(vocab, dict):
+        return
+    for i, piece in enumerate(tokens):
+        if piece in vocab and vocab[piece] != i:
+            raise FormatError(f"{hf_dir}: tokenizer.model has {piece!r} at id {i}, tokenizer.json at "
+                              f"{vocab[piece]}; the two tokenizer files are from different models")
 
 
 def _eot_id(tokens: list[str], types: list[int], template: str | None) -> int | None:
