@@ -20,6 +20,8 @@ from formats.gguf.export import GGUFOptions, export_gguf
 from formats.gguf.runner import GGUFRunner
 from formats.gguf.writer import write_gguf
 
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
 
 @pytest.fixture(scope="module")
 def lora_case(tiny_model_factory, tmp_path_factory):
@@ -52,6 +54,11 @@ def adapter_vs_merged(case, lora_gguf):
     ("llama", "llama", {}),
     ("qwen2", "qwen2", {}),  # no q/k permutation, q/k/v biases in the base
     ("rslora", "llama", {"use_rslora": True, "r": 4, "lora_alpha": 8}),
+    # the issue-15 archs: Phi-3's LoRA sits on the fused qkv_proj/gate_up_proj (attn_qkv, ffn_up in the GGUF)
+    ("phi3", "phi3", {"target_modules": PHI3_TARGETS}),
+    ("gemma3", "gemma3", {}),  # (1 + w) norms in the base, sliding-window layers
+    ("llama3.2", "llama3.2", {}),  # tied embeddings, llama3 rope factors, q/k permuted
+    ("smollm3", "smollm3", {}),  # q/k permuted, layers without rope
 ])
 def test_adapter_over_base_matches_merged(lora_case, tmp_path, name, arch_name, lora_kw):
     case = lora_case(name, arch_name, **lora_kw)
@@ -135,3 +142,30 @@ def test_rejected_lora_is_an_error_not_a_silent_base(lora_case, tiny_model_facto
     other = write_gguf(wide, tmp_path / "wide.gguf", "f32", progress=False)
     with pytest.raises(FormatError, match="rejected the LoRA lora.gguf.*incorrect shape"):
         GGUFRunner(other, lora_path=lora)
+
+
+def test_phi3_lora_is_on_the_fused_tensors(lora_case, tmp_path):
+    base, adapter, *_ = lora_case("phi3", "phi3", target_modules=PHI3_TARGETS)
+    r = GGUFReader(write_lora_gguf(adapter, base, tmp_path / "lora.gguf", progress=False))
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}  # ggml order: ne0 first
+    assert shapes["blk.0.attn_qkv.weight.lora_b"] == (8, 64 + 2 * 32)  # q rows, then k, then v
+    assert shapes["blk.0.ffn_up.weight.lora_b"] == (8, 2 * 192)  # gate rows, then up
+    assert len(shapes) == 2 * 4 * 2
+
+
+def test_phi3_lora_with_gate_and_up_swapped_fails(lora_case, tmp_path):
+    """The fused gate|up LoRA B with its halves swapped: the check must see it (llama.cpp splits gate first)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    case = lora_case("phi3", "phi3", target_modules=PHI3_TARGETS)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(case[1], adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    for key, w in weights.items():
+        if "gate_up_proj.lora_B" in key:
+            weights[key] = torch.cat(w.chunk(2, dim=0)[::-1]).contiguous()
+    save_file(weights, adapter / "adapter_model.safetensors")
+    vs_merged, _ = adapter_vs_merged(case, write_lora_gguf(adapter, case[0], tmp_path / "lora.gguf", progress=False))
+    print(f"\nphi3 gate/up swapped: kld {vs_merged.kld_mean:.3g}")
+    assert vs_merged.kld_mean > 1e-3
