@@ -77,7 +77,7 @@ def build_gemma3_spm_model(out_dir: Path) -> Path:
         str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                  "single_word": t.single_word, "special": t.special}
         for i, t in sorted(tok.added_tokens_decoder.items())})
-    cfg.pop("vocab_file", None)  # save_pretrained records where it was loaded from: an absolute path
+    assert Path(cfg["vocab_file"]).is_absolute()  # where it was converted from (the export must not ship it)
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     assert (out_dir / "tokenizer.model").is_file() and (out_dir / "tokenizer.json").is_file()
     return out_dir

@@ -28,7 +28,9 @@ DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path
 # from_pretrained's own arguments that save_pretrained writes back into tokenizer_config.json
 DROP_TOKENIZER_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash", "cache_dir",
                        "force_download", "proxies", "resume_download", "revision", "subfolder", "token",
-                       "use_auth_token", "trust_remote_code", "_from_auto", "_from_pipeline", "auto_map")
+                       "use_auth_token", "trust_remote_code", "_from_auto", "_from_pipeline", "auto_map",
+                       # the absolute path a SentencePiece tokenizer was converted from: the build machine's
+                       "vocab_file")
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
