@@ -184,3 +184,36 @@ def test_a_tokenizer_model_from_another_model_is_refused(gemma, tmp_path):
     (other / "tokenizer.model").write_bytes(train_gemma_spm(vocab_size=600))
     with pytest.raises(FormatError, match=r"tokenizer.model has .* tokenizer.json at \d+; the two tokenizer files"):
         load_vocab(other, 640)
+
+
+def test_transformers_js_reads_the_onnx_dir_tokenizer(gemma, tok, tmp_path):
+    """transformers.js (Node) on the export dir as written: the ids of every probe and the chat renders equal
+    transformers' (skipped without node/npm, failed under LORAX_REQUIRE_CLIENTS=1, as in test_clients.py)."""
+    import os
+    import subprocess
+
+    from client_helpers import npm_dir, require_clients
+
+    from formats.gguf.conformance import CONVERSATIONS
+    from formats.onnx.export import export_onnx
+
+    npm = npm_dir()
+    if npm is None:
+        if require_clients():
+            pytest.fail("npm/node is missing and LORAX_REQUIRE_CLIENTS=1")
+        pytest.skip("npm/node is not installed")
+    out = export_onnx(gemma, tmp_path / "onnx").dir
+    texts = [t for t, special in probe_texts(tok) if special]
+    chats = [c for c in CONVERSATIONS if c[0]["role"] == "user"]
+    req = {"dir": str(out), "texts": texts, "chats": chats}
+    script = Path(__file__).parent / "clients" / "transformers_js_tokenizer.mjs"
+    res = subprocess.run(["node", str(script)], input=json.dumps(req), capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "LORAX_NPM_DIR": str(npm)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    want = [tok(t)["input_ids"] for t in texts]
+    print(f"\ntransformers.js: ids equal on {sum(g == w for g, w in zip(got['ids'], want, strict=True))}/{len(texts)} probes")
+    assert got["ids"] == want
+    renders = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    assert got["chat_texts"] == renders
+    assert got["chat_ids"] == [tok(r, add_special_tokens=False)["input_ids"] for r in renders]
