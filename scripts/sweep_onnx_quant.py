@@ -1,10 +1,13 @@
 """Every ONNX weight-quantization setting side by side: decode tok/s, KLD and top-1 vs the float32 graph.
 
     python scripts/sweep_onnx_quant.py                         # SmolLM2 (imported base), all SETTINGS
-    python scripts/sweep_onnx_quant.py --onnx dist/onnx --settings int4-rtn-asym-b32 int8 --tokens 32
+    python scripts/sweep_onnx_quant.py --onnx dist/onnx --adapter adapter/ --settings int4 int4-ort-rtn
+                                                               # a fine-tune: dist/merged's float32 graph,
+                                                               # the adapter's training rows as calibration
 
 Settings are formats/onnx/quantize.py's SETTINGS. Each quantized graph is built once from the export's
-float32 graph (cached beside it under ~/.cache/lorax/bench/sweep); then all of them and the float32
+float32 graph (cached beside it under ~/.cache/lorax/bench/sweep; `--adapter` gives the importance matrix
+from the fine-tune's training rows, as `lorax export` computes it); then all of them and the float32
 graph load in this one process and take turns, round by round (order reversed every other round), so a
 shared machine's drift hits every setting alike. tok/s = median over rounds of cached greedy decode
 (prefill excluded). Quality: teacher-forced logits on three chat prompts and one paragraph against the
@@ -31,7 +34,20 @@ TEXT = ("The history of the bicycle spans more than two centuries. Early designs
         "moved the rider closer to the ground, which made cycling safer and far more popular.")
 
 
-def build(src_root: Path, work: Path, names: list[str]) -> dict[str, Path]:
+def importance(hf_dir: Path, adapter: Path | None) -> dict | None:
+    """HF weight name -> mean x² per input column on the adapter's training rows (None without an adapter)."""
+    if adapter is None:
+        return None
+    from transformers import AutoTokenizer
+
+    from exporter.export.calibration import calibration_sequences
+    from formats.gguf.imatrix import collect_imatrix, hf_importance
+
+    cal = calibration_sequences(adapter, AutoTokenizer.from_pretrained(hf_dir))
+    return hf_importance(collect_imatrix(hf_dir, cal.sequences, progress=False), hf_dir)
+
+
+def build(src_root: Path, work: Path, names: list[str], hf_dir: Path, adapter: Path | None) -> dict[str, Path]:
     """work/onnx/<name>.onnx for each setting (side files copied so each graph opens like an export)."""
     from formats.onnx.bundle import graph_path
     from formats.onnx.quantize import quantize
@@ -40,12 +56,14 @@ def build(src_root: Path, work: Path, names: list[str]) -> dict[str, Path]:
     for p in src_root.iterdir():
         if p.is_file():
             shutil.copy2(p, work / p.name)
-    out = {}
+    out, imp = {}, []
     for name in names:
         dest = work / "onnx" / f"{name}.onnx"
         if not dest.is_file():
+            if not imp:
+                imp.append(importance(hf_dir, adapter))
             t = time.perf_counter()
-            quantize(graph_path(src_root, "float32"), dest, name)
+            quantize(graph_path(src_root, "float32"), dest, name, hf_dir, importance=imp[0])
             print(f"  built {name} in {time.perf_counter() - t:.0f} s", flush=True)
         out[name] = dest
     return out
@@ -56,6 +74,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", type=Path, help="float32 export dir (default: SmolLM2's, built once and cached)")
+    ap.add_argument("--model", type=Path, help="the HF dir the export came from (default: its lorax.json source)")
+    ap.add_argument("--adapter", type=Path, help="the fine-tune's adapter: its training rows calibrate")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
@@ -71,8 +91,11 @@ def main() -> int:
         from default_model import hf_dir
 
         args.onnx = cached_export(hf_dir())
+    if args.model is None:
+        src = json.loads((args.onnx / "lorax.json").read_text())["source"]
+        args.model = (args.onnx / src["path"]).resolve() if src.get("relative_to") else Path(src["path"])
     work = args.onnx.parent / f"sweep-{args.onnx.name}"
-    graphs = build(args.onnx, work, args.settings)
+    graphs = build(args.onnx, work, args.settings, args.model, args.adapter)
     f32 = ONNXRunner(args.onnx, variant="float32", threads=args.threads)
     tok = f32.tokenizer
     chats = [list(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,

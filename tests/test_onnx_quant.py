@@ -145,3 +145,34 @@ def test_quantized_exports(quantized_dirs, runners, tiny_model_factory, quant, r
     with capsys.disabled():
         print(f"\n[onnx {quant}] {size} B ({size / size32:.2f} of f32), {speed.tokens_per_s:.0f} tok/s, "
               f"KLD {parity.kld_mean:.3g}, top-1 {parity.top1:.2f} (unrelated model: KLD {unrelated.kld_mean:.3g})")
+
+
+def test_int4_bits_follow_the_module_names_on_fused_phi3(tiny_model_factory, tmp_path):
+    """Roles come from the HF module each weight came from (matched by content), not from the order of the
+    graph's MatMuls: on Phi-3's fused layers gate_up_proj/down_proj/lm_head get 8 bits, qkv_proj/o_proj 4, and
+    the quantized graph still tracks the model (the fused gate/up halves are one weight)."""
+    import onnx
+
+    from formats.hf.runner import HFRunner
+    from formats.onnx.export import export_onnx
+    from formats.onnx.runner import ONNXRunner
+
+    src = tiny_model_factory(arch="phi3")
+    cfg = json.loads((src / "config.json").read_text())
+    d = export_onnx(src, tmp_path / "onnx", quant="int4").dir
+    graph = onnx.load(str(d / "onnx" / "model_q4.onnx"), load_external_data=False).graph
+    bits_by_shape: dict[tuple[int, int], set[int]] = {}
+    for n in graph.node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in n.attribute}
+            bits_by_shape.setdefault((a["N"], a["K"]), set()).add(a["bits"])
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    head = cfg["head_dim"] if cfg.get("head_dim") else hidden // cfg["num_attention_heads"]
+    qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * head
+    assert bits_by_shape == {(qkv, hidden): {4}, (hidden, cfg["num_attention_heads"] * head): {4},
+                             (2 * inter, hidden): {8}, (hidden, inter): {8}, (vocab, hidden): {8}}, bits_by_shape
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
+    hf = HFRunner(src)
+    ids = _ids(hf)
+    parity = compare([hf.logits(i) for i in ids], [ONNXRunner(d).logits(i) for i in ids], ids)
+    assert parity.top1 > 0.5 and parity.kld_mean < 0.5, parity

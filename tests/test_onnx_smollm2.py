@@ -103,7 +103,7 @@ def test_float16(smollm2_dir, ref, ids, tmp_path):
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_recorded(f32_dir, f32, ref, ids, quant, tmp_path, record_property, capsys):
+def test_quantized_recorded(smollm2_dir, f32_dir, f32, ref, ids, quant, tmp_path, record_property, capsys):
     import shutil
 
     from exporter.gate.thresholds import limits_for
@@ -113,7 +113,7 @@ def test_quantized_recorded(f32_dir, f32, ref, ids, quant, tmp_path, record_prop
 
     d = tmp_path / quant
     shutil.copytree(f32_dir, d)
-    graph = quantize(graph_path(f32_dir, "float32"), graph_path(d, quant), quant)
+    graph = quantize(graph_path(f32_dir, "float32"), graph_path(d, quant), quant, smollm2_dir)
     r = ONNXRunner(d, threads=2, variant=quant)
     parity = compare(ref, [r.logits(i) for i in ids], ids)
     size = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))

@@ -33,6 +33,7 @@ class GGUFBuild:
     recipes: dict[str, Recipe]
     record: dict = field(default_factory=dict)  # lorax.json additions
     report_md: str | None = None  # the --quant auto table, appended to report.md after the gate
+    imatrix: Imatrix | None = None  # the matrix computed or read (the ONNX int4 quantizer reuses it)
 
 
 def user_recipe(opts) -> Recipe:
@@ -103,7 +104,33 @@ def recipes_from_record(record: dict, out_dir: Path) -> dict[str, Recipe]:
         out[a["type"]] = Recipe(imatrix=imx if r.get("imatrix") else None,
                                 tensor_types=tuple(tuple(s.rsplit("=", 1)) for s in r.get("tensor_types", [])),
                                 output_type=r.get("output_type"), embedding_type=r.get("embedding_type"))
+    for qtype, r in (record.get("onnx_recipes") or {}).items():  # the ONNX int4 quantizer's weighting
+        if r and r.get("imatrix"):
+            imx = imx or read_imatrix(out_dir / r["imatrix"])
+            out[recipe_key("onnx", qtype)] = Recipe(imatrix=imx)
     return out
+
+
+def recipe_key(fmt: str, qtype: str) -> str:
+    """Where a type's recipe sits in the gate's recipes: GGUF types by name, other formats' as FORMAT:TYPE."""
+    return qtype if fmt == "gguf" else f"{fmt}:{qtype}"
+
+
+def onnx_recipe(source: Path, merged: Path, tmp: Path, imx: Imatrix | None, opts, clock) -> Recipe | None:
+    """The ONNX quantization's recipe: the export's importance matrix (computed here when no GGUF needed one),
+    written to dist/imatrix.gguf so the floor and a resumed gate read back the same weighting."""
+    from formats.onnx.quantize import wants_importance
+
+    if not wants_importance(opts.onnx_quant):
+        return None
+    if imx is None:
+        with clock("imatrix"):
+            imx = importance_matrix(source, merged, opts, needed=True)
+    if imx is None:
+        return None
+    if not (tmp / IMATRIX_FILE).is_file():
+        write_imatrix(imx, tmp / IMATRIX_FILE)
+    return Recipe(imatrix=imx)
 
 
 def build_gguf(source: Path, merged: Path, tmp: Path, opts, clock) -> GGUFBuild:
@@ -132,7 +159,7 @@ def build_gguf(source: Path, merged: Path, tmp: Path, opts, clock) -> GGUFBuild:
         write_imatrix(imx, tmp / IMATRIX_FILE)
     with clock("gguf " + " ".join(quants)):
         result = export_gguf(merged, tmp, quants, GGUFOptions(adapter_dir=source if opts.gguf_adapter else None, recipes=recipes))
-    return GGUFBuild(result, recipes, record, report_md)
+    return GGUFBuild(result, recipes, record, report_md, imx)
 
 
 def choose_auto(source: Path, merged: Path, tmp: Path, imx: Imatrix | None, opts):

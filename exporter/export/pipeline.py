@@ -160,10 +160,12 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock, cl
             merged_tmp = merged_final = source
         else:
             raise LoraxError(f"{source}: neither an adapter dir (adapter_config.json) nor an HF model dir")
+        imx = None
         if opts.gguf:
             from exporter.export.gguf_build import build_gguf, recipe_record
 
             built = build_gguf(source, merged_tmp, tmp, opts, clock)
+            imx = built.imatrix
             result = built.result
             record.update(built.record)
             files = [(f.kind, f.type, f.path, f.sha256) for f in result]
@@ -180,11 +182,18 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock, cl
                     artifacts.append(out_dir / path.name)
             record["warnings"] = list(result.warnings)
         if opts.onnx:
+            from exporter.export.gguf_build import onnx_recipe, recipe_record
+            from formats.gguf.imatrix import hf_importance
             from formats.onnx.bundle import graph_path, variants_in
             from formats.onnx.export import export_onnx
 
+            recipe = onnx_recipe(source, merged_tmp, tmp, imx, opts, clock)
+            importance = hf_importance(recipe.imatrix, merged_tmp) if recipe is not None else None
             with clock("onnx"):
-                export_onnx(merged_tmp, tmp / "onnx", dtype=opts.onnx_dtype, quant=opts.onnx_quant)
+                export_onnx(merged_tmp, tmp / "onnx", dtype=opts.onnx_dtype, quant=opts.onnx_quant,
+                            importance=importance)
+            if opts.onnx_quant:
+                record["onnx_recipes"] = {opts.onnx_quant: recipe_record(recipe)}
             # every graph shipped is gated (an int4 export also holds the float32 graph it came from)
             artifacts += [graph_path(out_dir / "onnx", v) for v in variants_in(tmp / "onnx")]
         for p in sorted(tmp.rglob("*")):

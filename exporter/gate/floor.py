@@ -198,13 +198,14 @@ class Floor:
     def measure(self, fmt: str, dtype: str, ref_key: str | None = None) -> dict[str, float]:
         """Parity of the same type, made from the base as trained, against that base (cached per type, and
         remembered beside the reference outputs of `ref_key`: the base as trained is a function of them)."""
+        from exporter.export.gguf_build import recipe_key
         from exporter.gate import reference_store as store
         from exporter.gate.registry import build
 
         key = (fmt, dtype.lower())
         if key in self._floors:
             return self._floors[key]
-        recipe = self.recipes.get(key[1]) if fmt == "gguf" else None
+        recipe = self.recipes.get(recipe_key(fmt, key[1]))
         name = store.measurement_name("floor", fmt, key[1], self._weights_identity(),
                                       None if recipe is None else recipe.identity())
         if (hit := store.recall(ref_key, name)) is not None:

@@ -126,9 +126,12 @@ def _build_gguf(hf_dir: Path, dtype: str, work: Path, stem: str, recipe=None) ->
 
 
 def _build_onnx(hf_dir: Path, dtype: str, work: Path, stem: str, recipe=None) -> Path:
+    from formats.gguf.imatrix import hf_importance
     from formats.onnx.export import export_onnx
 
     kw = {"quant": dtype} if dtype in ("int8", "int4") else {"dtype": dtype}
+    if recipe is not None and recipe.imatrix is not None:  # the target's weighting (the floor's file too)
+        kw["importance"] = hf_importance(recipe.imatrix, hf_dir)
     return export_onnx(hf_dir, work / f"{stem}-onnx-{dtype}", force=True, **kw).dir
 
 

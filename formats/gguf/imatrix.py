@@ -231,3 +231,28 @@ def c_imatrix(values: dict[str, np.ndarray]):
         arr[i].size = buf.size
     arr[len(values)].name = None
     return arr, keep
+
+
+def hf_importance(imx: Imatrix, hf_dir: str | Path) -> dict[str, np.ndarray]:
+    """The matrix keyed by HF weight names (model.layers.0.self_attn.q_proj.weight, ...) for the ONNX
+    quantizer: every HF weight whose GGUF name has an entry. Columns need no remapping (see the module doc)."""
+    import json
+
+    from safetensors import safe_open
+
+    from formats.gguf.arch import arch_spec, gguf_tensor_name
+    from formats.gguf.writer import read_config
+
+    spec = arch_spec(read_config(Path(hf_dir)))
+    values = imx.values()
+    out: dict[str, np.ndarray] = {}
+    index = Path(hf_dir) / "model.safetensors.index.json"
+    names = list(json.loads(index.read_text())["weight_map"]) if index.is_file() else []
+    for shard in ([] if names else sorted(Path(hf_dir).glob("*.safetensors"))):
+        with safe_open(str(shard), framework="np") as f:
+            names += list(f.keys())
+    for name in names:
+        mapped = gguf_tensor_name(spec, name)
+        if mapped and mapped[0] in values:
+            out[name] = values[mapped[0]]
+    return out

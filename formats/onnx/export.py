@@ -21,8 +21,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from formats.errors import FormatError
 from formats.fsutil import atomic_dir
@@ -57,11 +60,13 @@ class OnnxExport:
 
 
 def export_onnx(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", quant: str | None = None,
-                force: bool = False, opset: int | None = None, external_data: bool | None = None) -> OnnxExport:
+                force: bool = False, opset: int | None = None, external_data: bool | None = None,
+                importance: Mapping[str, np.ndarray] | None = None) -> OnnxExport:
     """Write the export dir `out_dir` (graphs under out_dir/onnx/) from the HF model in `hf_dir`, atomically.
 
     `out_dir` is the folder clients are pointed at (the pipeline passes DIR/onnx). A graph's weights go
-    to <graph>.data when it is past protobuf's 2 GB limit (`external_data=None`) or as asked.
+    to <graph>.data when it is past protobuf's 2 GB limit (`external_data=None`) or as asked. `importance`
+    (HF weight name -> mean x² per input column on calibration text) weighs the quantizer's rounding.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = _read_config(hf_dir)
@@ -87,7 +92,8 @@ def export_onnx(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
         bar.update()
         if quant:
             bar.set_postfix_str(f"quantizing ({quant})")
-            quantize(traced, bundle.graph_path(tmp, quant), quant, external_data=external_data)
+            quantize(traced, bundle.graph_path(tmp, quant), quant, hf_dir, external_data=external_data,
+                     importance=importance)
             bar.update()
         bar.set_postfix_str("config + tokenizer")
         write_side_files(hf_dir, tmp, out_dir, variants=[dtype, *([quant] if quant else [])], primary=primary,

@@ -1,75 +1,83 @@
-"""Quantize the float32 ONNX decoder's weights with onnxruntime.quantization into MatMulNBits.
+"""Quantize the float32 ONNX decoder's weights into onnxruntime's block-quantized ops.
 
     lorax export adapter/ --out dist/ --onnx --onnx-quant int8    # onnx/model_quantized.onnx: 8-bit blocks
     lorax export adapter/ --out dist/ --onnx --onnx-quant int4    # onnx/model_q4.onnx: 4-bit blocks, the
                                                                    # form laptop/phone runtimes use
 
-Every MatMul with a constant weight, the lm_head included, becomes `MatMulNBits` (block-wise weights,
-one scale per block); attention, norms, the embedding Gather, the KV cache and the graph's I/O stay
-float32. What each setting measured on SmolLM2-135M (KLD/top-1 vs float32, decode tok/s on 2 cores, all
-in one process): docs/BENCHMARKS.md, `python scripts/sweep_onnx_quant.py` (SETTINGS below).
-Why these choices:
-  - int8 dynamic quantization (`quantize_dynamic`, activations scaled per tensor per call): KLD
-    1.19, top-1 47% -- LLM activation outliers ruin one shared scale -- so int8 is weight-only 8-bit;
-  - accuracy_level 4 lets onnxruntime's CPU kernel multiply in int8 (activations quantized per block
-    at run time): level 0 (float) ran 12-20x slower;
-  - HQQ (float zero points) is accurate but its MatMulNBits cannot take that int8 kernel (0.13x float32
-    decode); integer zero points (asymmetric RTN) are fast (2.5x) but lose far more (KLD 0.71, top-1 0.59);
-  - the loss sits in v_proj and down_proj: those at 8 bits (and the lm_head) give KLD 0.19, top-1 0.88,
-    at 1.37x float32's decode (SmolLM2, 2 cores, 2026-12-04, a loaded machine), but 0.42 of float32's
-    bytes and p99 KLD 3.27: past int4's size bound and row, so `--onnx-quant int4` still ships HQQ (below).
-    Block clipping alone (clip.py) did not help (head8: KLD 0.83 clipped vs 0.62 plain).
+Every MatMul with a constant weight, the lm_head included, becomes `MatMulNBits` (com.microsoft; one scale
+and one integer zero point per block of 32 inputs) and the token embedding's Gather becomes
+`GatherBlockQuantized`; attention, norms, the KV cache and the graph's I/O stay float32. Both ops run in
+onnxruntime's CPU provider, which transformers.js (onnxruntime-node), onnxruntime-genai and optimum use.
+
+The weights are chosen by formats/onnx/blockquant.py (a weighted scale search per block, weighted by the
+fine-tune's importance matrix when the export has one). What each setting measured on the demo's QLoRA
+merge (KLD/top-1 vs the trained model, decode tok/s vs float32 on 2 cores, side by side):
+docs/BENCHMARKS.md, `python scripts/sweep_onnx_quant.py` (SETTINGS below). Why the shipped choices:
+  - int8 dynamic quantization (`quantize_dynamic`, activations scaled per tensor per call) cost KLD 1.19,
+    top-1 47% (LLM activation outliers ruin one shared scale), so both types are weight-only;
+  - accuracy_level 4 lets onnxruntime's CPU kernel multiply in int8 (activations quantized per block at
+    run time); level 0 (float) ran 12-20x slower. Its effect on quality is measured, not assumed (sweep);
+  - integer zero points, because float ones (onnxruntime's HQQ) cannot take that int8 kernel: HQQ decoded
+    at 0.13x float32;
+  - onnxruntime's own round-to-nearest (min/max per block) is fast but lost KLD 0.7 on SmolLM2: the search
+    keeps the speed and most of the quality.
 """
 
 from __future__ import annotations
 
-import tempfile
+import hashlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
+
+MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """One weight-only setting: onnxruntime's MatMulNBits with these parameters."""
+    """One weight-only setting."""
 
     bits: int
-    algorithm: str  # "rtn" (onnxruntime's kernel), "clip" (clip.py, then rtn), "hqq"
+    algorithm: str  # "search" (lorax's weighted search), "rtn" / "hqq" (onnxruntime's quantizers, for the sweep)
     block_size: int = 32
     symmetric: bool = False
     accuracy_level: int = 4
-    keep8: tuple[str, ...] = ()  # roles (ROLES) whose MatMuls get 8 bits instead
+    keep8: tuple[str, ...] = ()  # roles (ROLE_SUFFIXES) whose MatMuls get 8 bits instead
+    embedding_bits: int | None = None  # GatherBlockQuantized for the token embedding; None keeps float32
+    weighted: bool = True  # "search": weigh by the importance matrix when the export has one
 
     def describe(self) -> dict:
         return {"op": "MatMulNBits", **asdict(self), "keep8": list(self.keep8)}
 
 
-# Role of each weight MatMul in a layer, in the order the traced graph has them (formats/onnx/decoder.py
-# traces Llama-style layers: attention projections, then the MLP), and the final projection.
-LAYER_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LM_HEAD = "lm_head"
+EMBEDDING = "embedding"
+# A weight's role is the last part of its HF module name; fused projections (Phi-3's qkv_proj, gate_up_proj)
+# are roles of their own, so a setting names them explicitly.
+ROLE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj",
+                 "down_proj", LM_HEAD)
+
+# The weights a QLoRA merge loses most at 4 bits (demo fine-tune, one role at a time: v_proj, down_proj and
+# gate_proj), kept at 8 bits with the lm_head; Phi-3's fused gate_up_proj holds gate_proj.
+SENSITIVE = (LM_HEAD, "v_proj", "down_proj", "gate_proj", "gate_up_proj")
 
 # Everything scripts/sweep_onnx_quant.py measures; QUANTIZERS are the ones `--onnx-quant` ships.
 SETTINGS: dict[str, WeightQuant] = {
-    "int8": WeightQuant(8, "rtn", symmetric=True),
-    "int4-hqq-b32": WeightQuant(4, "hqq"),
-    "int4-rtn-asym-b32": WeightQuant(4, "rtn"),
-    "int4-rtn-sym-b32": WeightQuant(4, "rtn", symmetric=True),
-    "int4-rtn-asym-b128": WeightQuant(4, "rtn", block_size=128),
-    "int4-rtn-asym-b32-head8": WeightQuant(4, "rtn", keep8=(LM_HEAD,)),
-    "int4-clip-b32-head8": WeightQuant(4, "clip", keep8=(LM_HEAD,)),
-    "int4-clip-b32-head8-vd8": WeightQuant(4, "clip", keep8=(LM_HEAD, "v_proj", "down_proj")),
-    "int4-clip-b64-head8-vd8": WeightQuant(4, "clip", block_size=64, keep8=(LM_HEAD, "v_proj", "down_proj")),
-    "int4-clip-b32-head8-vd8-acc0": WeightQuant(4, "clip", accuracy_level=0,
-                                                keep8=(LM_HEAD, "v_proj", "down_proj")),
-    # the sensitive weights at 8 bits without clipping (docs/BENCHMARKS.md, second run): p99 better, top-1 worse
-    "int4-rtn-asym-b32-vd8": WeightQuant(4, "rtn", keep8=("v_proj", "down_proj")),
-    "int4-rtn-asym-b32-head8-vd8": WeightQuant(4, "rtn", keep8=(LM_HEAD, "v_proj", "down_proj")),
+    "int8": WeightQuant(8, "search", symmetric=True, embedding_bits=8),
+    "int8-ort-rtn": WeightQuant(8, "rtn", symmetric=True),
+    "int4": WeightQuant(4, "search", block_size=16, keep8=SENSITIVE, embedding_bits=8),
+    "int4-acc0": WeightQuant(4, "search", block_size=16, keep8=SENSITIVE, embedding_bits=8, accuracy_level=0),
+    "int4-unweighted": WeightQuant(4, "search", block_size=16, keep8=SENSITIVE, embedding_bits=8, weighted=False),
+    "int4-sym": WeightQuant(4, "search", block_size=16, symmetric=True, keep8=SENSITIVE, embedding_bits=8),
+    "int4-b32": WeightQuant(4, "search", keep8=SENSITIVE, embedding_bits=8),
+    "int4-b16-all4": WeightQuant(4, "search", block_size=16, keep8=(LM_HEAD,), embedding_bits=8),
+    "int4-b32-all4": WeightQuant(4, "search", keep8=(LM_HEAD,), embedding_bits=8),
+    "int4-ort-rtn": WeightQuant(4, "rtn"),
+    "int4-ort-hqq": WeightQuant(4, "hqq"),
 }
-# int4 ships HQQ: the faster mixed 4/8-bit settings above keep v_proj/down_proj/lm_head at 8 bits next to a
-# float32 embedding, which makes the graph 0.42 of float32 (SmolLM2: 228 of 543 MB), past int4's size bound
-# (< 0.4, tests/test_onnx_smollm2.py), and the clip variant's p99 KLD (3.27) is past int4's row (2.5).
-# A quantized embedding (GatherBlockQuantized) is what would let the fast setting ship; not done yet.
-QUANTIZERS: dict[str, WeightQuant] = {"int8": SETTINGS["int8"], "int4": SETTINGS["int4-hqq-b32"]}
+QUANTIZERS: dict[str, WeightQuant] = {"int8": SETTINGS["int8"], "int4": SETTINGS["int4"]}
 
 # What each shipped method writes, recorded in the export's lorax.json.
 DESCRIPTIONS: dict[str, dict] = {name: q.describe() for name, q in QUANTIZERS.items()}
@@ -83,81 +91,233 @@ def _external(path: Path) -> bool:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0) > _PROTOBUF_LIMIT
 
 
-def weight_roles(model) -> dict[str, str]:
-    """MatMul node name -> role, for the MatMuls whose second input is a weight initializer."""
-    graph = model.graph
-    weights = {i.name for i in graph.initializer}
-    nodes = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    head = [n for n in nodes if "logits" in n.output]
-    body = [n for n in nodes if n not in head]
-    roles = {n.name: LM_HEAD for n in head}
-    if len(body) % len(LAYER_ROLES) == 0:  # else the layers are not the shape LAYER_ROLES describes
-        roles.update({n.name: LAYER_ROLES[i % len(LAYER_ROLES)] for i, n in enumerate(body)})
-    return roles
+def role_of(hf_name: str) -> str | None:
+    """`model.layers.3.self_attn.q_proj.weight` -> q_proj; the embedding and lm_head by their own names."""
+    parts = hf_name.split(".")
+    stem = parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]
+    if stem == "embed_tokens":
+        return EMBEDDING
+    return stem if stem in ROLE_SUFFIXES else None
 
 
-def _clip_weights(model, names: set[str], block_size: int) -> None:
+def _digest(a: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(a, dtype=np.float32).tobytes(), digest_size=16).hexdigest()
+
+
+def hf_weight_names(hf_dir: Path) -> dict[tuple[tuple[int, ...], str], str]:
+    """(shape, content digest) -> HF tensor name for every 2-D weight of the model in `hf_dir` (as float32).
+
+    The exporter's constant folding renames the weights it transposes (val_83, ...); matching by content
+    finds each graph weight's module, whatever the architecture lays out (fused projections included)."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.ndim == 2:
+                    a = t.float().numpy()
+                    out[(a.shape, _digest(a))] = name
+    return out
+
+
+@dataclass
+class _Use:
+    """One constant weight the graph multiplies or gathers with, as [rows, K] with rows = outputs / tokens."""
+
+    node: object
+    weight: np.ndarray
+    hf_name: str | None
+
+
+def _uses(model, hf_names: Mapping) -> tuple[list[_Use], list[_Use]]:
+    """The MatMuls with a constant weight (directly, or through a Transpose of one) and the embedding Gathers."""
     from onnx import numpy_helper
 
-    from formats.onnx.clip import clip_blocks
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    arrays: dict[str, np.ndarray] = {}
 
-    inits = {i.name: i for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.name in names:
-            t = inits[node.input[1]]
-            t.CopyFrom(numpy_helper.from_array(clip_blocks(numpy_helper.to_array(t), block_size), t.name))
+    def array(name: str) -> np.ndarray:
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(inits[name])
+        return arrays[name]
+
+    def named(w: np.ndarray) -> str | None:
+        return hf_names.get((w.shape, _digest(w)))
+
+    matmuls, gathers = [], []
+    for node in graph.node:
+        if node.op_type == "MatMul":
+            b = node.input[1]
+            if b in inits and array(b).ndim == 2:
+                w = np.ascontiguousarray(array(b).T)  # MatMul's B is [K, N]; the ops want [N, K]
+            elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits:
+                src = producers[b]
+                perm = [a.ints for a in src.attribute if a.name == "perm"]
+                if array(src.input[0]).ndim != 2 or (perm and list(perm[0]) != [1, 0]):
+                    continue
+                w = array(src.input[0])  # a tied lm_head: Transpose(embedding) -> already [N, K]
+            else:
+                continue
+            matmuls.append(_Use(node, w.astype(np.float32), named(w)))
+        elif node.op_type == "Gather" and node.input[0] in inits and array(node.input[0]).ndim == 2:
+            w = array(node.input[0]).astype(np.float32)
+            name = named(w)
+            if name is not None and role_of(name) == EMBEDDING:
+                gathers.append(_Use(node, w, name))
+    return matmuls, gathers
 
 
-def _config(q: WeightQuant, bits: int):
+def _matmul_nbits(use: _Use, q: WeightQuant, bits: int, importance, prefix: str):
+    from onnx import helper, numpy_helper
+
+    from formats.onnx.blockquant import pack_matmul_nbits, quantize_rows
+
+    n, k = use.weight.shape
+    blocks = quantize_rows(use.weight, bits, q.block_size, importance, q.symmetric)
+    b, scales, zp = pack_matmul_nbits(blocks)
+    inits = [numpy_helper.from_array(b, f"{prefix}.qweight"), numpy_helper.from_array(scales, f"{prefix}.scales")]
+    inputs = [use.node.input[0], inits[0].name, inits[1].name]
+    if not q.symmetric:
+        inits.append(numpy_helper.from_array(zp, f"{prefix}.zero_points"))
+        inputs.append(inits[-1].name)
+    node = helper.make_node("MatMulNBits", inputs, list(use.node.output), name=f"{use.node.name}_Q{bits}",
+                            domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=q.block_size,
+                            accuracy_level=q.accuracy_level)
+    return node, inits
+
+
+def _gather_block_quantized(use: _Use, q: WeightQuant, prefix: str):
+    from onnx import helper, numpy_helper
+
+    from formats.onnx.blockquant import pack_gather, quantize_rows
+
+    bits = q.embedding_bits
+    blocks = quantize_rows(use.weight, bits, q.block_size, None, q.symmetric)
+    data, scales, zp = pack_gather(blocks)
+    inits = [numpy_helper.from_array(data, f"{prefix}.qdata"), numpy_helper.from_array(scales, f"{prefix}.scales")]
+    inputs = [inits[0].name, use.node.input[1], inits[1].name]
+    if not q.symmetric:
+        inits.append(numpy_helper.from_array(zp, f"{prefix}.zero_points"))
+        inputs.append(inits[-1].name)
+    node = helper.make_node("GatherBlockQuantized", inputs, list(use.node.output), name=f"{use.node.name}_Q{bits}",
+                            domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=q.block_size, bits=bits)
+    return node, inits
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """`nodes` without those whose results nothing reads any more (a tied lm_head's Transpose of the float
+    embedding, once both its readers are quantized): else the float32 weight would stay in the file."""
+    while True:
+        read = outputs | {i for n in nodes for i in n.input}
+        kept = [n for n in nodes if any(o in read for o in n.output)]
+        if len(kept) == len(nodes):
+            return kept
+        nodes = kept
+
+
+def _search_quantize(model, q: WeightQuant, hf_dir: Path, importance: Mapping[str, np.ndarray] | None) -> None:
+    """Rewrite `model` in place: each weight MatMul -> MatMulNBits, the embedding Gather -> GatherBlockQuantized."""
+    from onnx import helper
+
+    from formats.errors import FormatError
+    from lorax_common.log import progress
+
+    matmuls, gathers = _uses(model, hf_weight_names(hf_dir))
+    unnamed = [u.node.name for u in matmuls if u.hf_name is None]
+    if unnamed:  # every weight must be traced back to its module, or the role table cannot apply
+        raise FormatError(f"ONNX quantization: {len(unnamed)} MatMul weight(s) match no tensor of {hf_dir} "
+                          f"(first: {unnamed[0]}); the graph was not exported from that model")
+    replace: dict[int, object] = {}
+    new_inits = []
+    with progress(total=len(matmuls) + len(gathers), desc="onnx quantize", unit="weight", leave=False) as bar:
+        for i, use in enumerate(matmuls):
+            role = role_of(use.hf_name)
+            role = LM_HEAD if role == EMBEDDING else role  # a tied lm_head multiplies by the embedding
+            bits = 8 if (q.bits == 4 and role in q.keep8) else q.bits
+            imp = importance.get(use.hf_name) if (importance and q.weighted) else None
+            if use.weight.shape[1] % q.block_size:
+                continue  # K not a multiple of the block: left float32
+            node, inits = _matmul_nbits(use, q, bits, imp, f"lorax.q{i}")
+            replace[id(use.node)] = node
+            new_inits += inits
+            bar.update()
+        if q.embedding_bits:
+            for i, use in enumerate(gathers):
+                if use.weight.shape[1] % q.block_size == 0:
+                    node, inits = _gather_block_quantized(use, q, f"lorax.emb{i}")
+                    replace[id(use.node)] = node
+                    new_inits += inits
+                bar.update()
+    nodes = _live([replace.get(id(n), n) for n in model.graph.node], {o.name for o in model.graph.output})
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(new_inits)
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _ort_quantize(model, q: WeightQuant):
+    """onnxruntime's own MatMulNBits quantizers (round-to-nearest or HQQ), kept as the sweep's baselines."""
+    from onnx import helper
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
     )
 
-    if q.algorithm == "hqq" and bits == 4:
-        return HQQWeightOnlyQuantConfig(block_size=q.block_size, bits=4)
-    symmetric = q.symmetric if bits == q.bits else True
-    return DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=symmetric,
-                                        accuracy_level=q.accuracy_level, bits=bits)
-
-
-def _set_accuracy_level(model, level: int) -> None:
-    """HQQ's config takes no accuracy level; it is a plain attribute of each MatMulNBits node."""
-    from onnx import helper
-
-    for node in model.graph.node:
+    if q.algorithm == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=q.block_size, bits=q.bits)
+    else:
+        config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=q.symmetric,
+                                              accuracy_level=q.accuracy_level, bits=q.bits)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    out = quantizer.model.model
+    for node in out.graph.node:  # HQQ's config takes no accuracy level: set it on each node
         if node.op_type == "MatMulNBits":
             kept = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
-            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
+            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", q.accuracy_level)])
+    return out
 
 
-def quantize(src: Path, dest: Path, method: str | WeightQuant, external_data: bool | None = None) -> Path:
-    """Quantize the float32 graph at `src` into `dest` with `method` (a key of QUANTIZERS or SETTINGS, or
-    a WeightQuant); weights go to `dest`.data past protobuf's limit (`external_data=None`) or as asked."""
+def setting(method: str | WeightQuant) -> WeightQuant:
+    return method if isinstance(method, WeightQuant) else {**SETTINGS, **QUANTIZERS}[method]
+
+
+def wants_importance(method: str | None) -> bool:
+    """Whether `--onnx-quant method` weighs its rounding by an importance matrix (4 bits: the search picks
+    scales by it; 8 bits only round)."""
+    return method is not None and setting(method).algorithm == "search" and setting(method).weighted \
+        and setting(method).bits == 4
+
+
+def quantize(src: Path, dest: Path, method: str | WeightQuant, hf_dir: Path, external_data: bool | None = None,
+             importance: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Quantize the float32 graph at `src` (exported from the HF model in `hf_dir`) into `dest` with `method`
+    (a key of QUANTIZERS or SETTINGS, or a WeightQuant). `importance`: HF weight name -> mean x² per input
+    column (formats.gguf.imatrix.hf_importance). Weights go to `dest`.data past protobuf's limit
+    (`external_data=None`) or as asked."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    q = method if isinstance(method, WeightQuant) else {**SETTINGS, **QUANTIZERS}[method]
+    q = setting(method)
     big = _external(src) if external_data is None else external_data
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".prep.") as work:
-        # onnxruntime's recommended pre-pass: its constant folding turns a tied lm_head's
-        # Transpose(embedding) into a weight initializer, so the largest MatMul gets quantized too.
-        prepped = Path(work) / "model.onnx"
-        quant_pre_process(src, prepped, skip_symbolic_shape=True, save_as_external_data=_external(src),
-                          all_tensors_to_one_file=True, external_data_location="model.onnx.data")
-        model = onnx.load(str(prepped))
-        roles = weight_roles(model)
-        eight = {name for name, role in roles.items() if role in q.keep8} if q.bits == 4 else set()
-        if q.algorithm == "clip":
-            _clip_weights(model, set(roles) - eight, q.block_size)
-        quantizer = MatMulNBitsQuantizer(model, algo_config=_config(q, q.bits), nodes_to_exclude=sorted(eight))
-        quantizer.process()
-        if eight:
-            quantizer = MatMulNBitsQuantizer(quantizer.model.model, algo_config=_config(q, 8),
-                                             nodes_to_include=sorted(eight))
-            quantizer.process()
-        _set_accuracy_level(quantizer.model.model, q.accuracy_level)
-        quantizer.model.save_model_to_file(str(dest), use_external_data_format=big)
+    model = onnx.load(str(src))
+    if q.algorithm == "search":
+        _search_quantize(model, q, Path(hf_dir), importance)
+    else:
+        model = _ort_quantize(model, q)
+    if big:
+        onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dest.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dest))
     return dest
