@@ -62,20 +62,10 @@ def transformers_js(onnx_dir: Path, dtype: str, prompts: list[str], n: int) -> l
 
 def genai(onnx_dir: Path, prompt_ids: list[list[int]], n: int) -> list[list[int]]:
     import onnxruntime_genai as og
+    from client_helpers import genai_generate
 
     model = og.Model(str(onnx_dir))
-    out = []
-    for ids in prompt_ids:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + n, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens([ids])
-        toks: list[int] = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            toks.append(int(gen.get_next_tokens()[0]))
-        out.append(toks)
-    return out
+    return [genai_generate(model, ids, n) for ids in prompt_ids]
 
 
 def main() -> int:

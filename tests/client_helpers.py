@@ -68,3 +68,19 @@ def npm_dir() -> Path | None:
 def require_clients() -> bool:
     """CI sets LORAX_REQUIRE_CLIENTS=1: there a missing client fails the test instead of skipping it."""
     return os.environ.get("LORAX_REQUIRE_CLIENTS") == "1"
+
+
+def genai_generate(model, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from onnxruntime-genai's `model` (an og.Model) after `ids`: at most `n`, fewer when it
+    stops on an EOS id of genai_config.json."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens([ids])
+    out: list[int] = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out

@@ -16,7 +16,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from client_helpers import CHATS, STOP_CHAT, chat_ids, npm_dir, require_clients, stopping_model
+from client_helpers import (
+    CHATS,
+    STOP_CHAT,
+    chat_ids,
+    genai_generate,
+    npm_dir,
+    require_clients,
+    stopping_model,
+)
 
 TOKENS = 16
 SCRIPT = Path(__file__).parent / "clients" / "transformers_js.mjs"
@@ -93,15 +101,7 @@ def test_onnxruntime_genai(exports, reference):
     from formats.onnx.runner import ONNXRunner
 
     def generate(model, ids: list[int]) -> list[int]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + TOKENS, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens([ids])
-        out: list[int] = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        return out
+        return genai_generate(model, ids, TOKENS)
 
     f32 = og.Model(str(exports["float32"]))
     tokenizer = og.Tokenizer(f32)

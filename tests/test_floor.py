@@ -10,6 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from exporter.cli.main import main
@@ -92,6 +93,38 @@ def test_honest_onnx_int4_passes_with_control_and_floor(adapter, tmp_path):
     assert rc == 0 and t["passed"], t["failures"]
     assert t["control"]["passed"] and t["control"]["metrics"]["kld_mean"] <= 1e-4
     assert t["floor"] is not None and t["floor"]["kld_mean"] > 0
+
+
+def test_onnx_int4_is_weighted_by_the_calibration_matrix_and_its_floor_too(adapter, tmp_path, monkeypatch):
+    """--calibration gives int4 an importance matrix: it is shipped as dist/imatrix.gguf, named in lorax.json,
+    changes the int4 weights (vs the same export with --imatrix off), and the floor's int4 file of the base
+    as trained is weighted by the same matrix (its builder gets the recipe)."""
+    import onnx
+    from onnx import numpy_helper
+    from tiny_data import chat_records, write_jsonl
+
+    seen: list = []
+    real = registry.BUILDERS["onnx"]
+    monkeypatch.setitem(registry.BUILDERS, "onnx", lambda hf, dtype, work, stem, recipe=None: (
+        seen.append((stem, dtype, recipe)), real(hf, dtype, work, stem, recipe))[1])
+    cal = write_jsonl(chat_records(16), tmp_path / "cal.jsonl")
+    rc, by = _export(adapter, tmp_path / "w", *ONNX, "--calibration", str(cal), "--floor", "always",
+                     "--threshold", "top1=0.4")
+    assert rc == 0, by["int4"]["failures"]
+    meta = json.loads((tmp_path / "w" / "lorax.json").read_text())
+    assert meta["onnx_recipes"]["int4"]["imatrix"] == "imatrix.gguf" and (tmp_path / "w" / "imatrix.gguf").is_file()
+    floors = [r for stem, dtype, r in seen if stem == "floor" and dtype == "int4"]
+    assert floors and floors[0] is not None and floors[0].imatrix is not None
+    rc, _ = _export(adapter, tmp_path / "plain", *ONNX, "--imatrix", "off", "--floor", "off",
+                    "--threshold", "top1=0.4")
+    assert rc == 0 and not (tmp_path / "plain" / "imatrix.gguf").exists()
+
+    def scales(d: Path) -> np.ndarray:
+        g = onnx.load(str(d / "onnx" / "onnx" / "model_q4.onnx"))
+        return np.concatenate([numpy_helper.to_array(i).ravel() for i in g.graph.initializer
+                               if i.name.endswith(".scales")])
+
+    assert not np.array_equal(scales(tmp_path / "w"), scales(tmp_path / "plain"))
 
 
 def _swap_gate_up(spec):
