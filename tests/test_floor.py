@@ -217,3 +217,23 @@ def test_every_offered_type_has_a_row_with_its_basis():
         assert limits_for(fmt, name) == row.limits
         if row.quantized:
             assert fmt in registry.BUILDERS and {"kld_mean", "top1"} <= set(row.limits)
+
+
+def test_int4_quantizer_packing_fault_fails_the_gate_though_the_floor_carries_it(adapter, tmp_path, monkeypatch):
+    """A fault inside lorax's int4 writer (4-bit codes packed high nibble first), so the shipped file and the
+    floor's file both carry it: the target fails on KLD, its float32 control passes (no quantizer involved), and
+    the floor cannot excuse it past FLOOR_CAP."""
+    from formats.onnx import blockquant
+
+    real = blockquant.pack_codes
+
+    def swapped(codes, bits):
+        out = real(codes, bits)
+        return out if bits == 8 else ((out >> 4) | (out << 4)).astype(np.uint8)
+
+    monkeypatch.setattr(blockquant, "pack_codes", swapped)
+    rc, by = _export(adapter, tmp_path / "bad", *ONNX, "--floor", "always", "--threshold", "top1=0.4")
+    t = by["int4"]
+    assert rc == 1 and not t["passed"], t
+    assert any("kld_mean" in f for f in t["failures"]), t["failures"]
+    assert t["control"]["passed"] and t["control"]["metrics"]["kld_mean"] <= 1e-4
