@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from test_train_run import eval_ids, logits
 from tiny_data import chat_records, write_jsonl
 from tiny_gemma import build_gemma3_spm_model
 
@@ -35,16 +35,6 @@ def one_thread():
 
 def base_for(name: str, factory, root: Path) -> Path:
     return build_gemma3_spm_model(root / "tiny-g3") if name == "gemma3-spm" else factory(arch=name)
-
-
-def eval_ids(adapter: Path, tok) -> list[list[int]]:
-    rows = [json.loads(line) for line in (adapter / "eval.jsonl").read_text().splitlines()]
-    return [list(tok.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows]
-
-
-def logits(model, ids: list[list[int]]) -> list[np.ndarray]:
-    with torch.inference_mode():
-        return [model(input_ids=torch.tensor([s])).logits[0].float().numpy() for s in ids]
 
 
 @pytest.mark.parametrize("name", list(TARGETS))

@@ -27,31 +27,35 @@ def _run(node, inputs: dict, inits) -> np.ndarray:
     return sess.run(None, {n: v for n, (v, _) in inputs.items()})[0]
 
 
-def runtime_matmul_weight(w_blocks, bits: int, block: int, symmetric: bool) -> np.ndarray:
-    """[N, K] as onnxruntime's MatMulNBits computes with it (identity input, float accuracy level)."""
-    from onnx import TensorProto, helper, numpy_helper
+def _packed(arrays: tuple, symmetric: bool) -> tuple[list, list[str]]:
+    """Initializers (data, scales[, zero points]) of a block-quantized op, and their names in that order."""
+    from onnx import numpy_helper
 
-    b, scales, zp = pack_matmul_nbits(w_blocks)
-    n, k = w_blocks.shape
-    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S")]
-    ins = ["A", "B", "S"] + ([] if symmetric else ["Z"])
+    data, scales, zp = arrays
+    inits = [numpy_helper.from_array(data, "D"), numpy_helper.from_array(scales, "S")]
     if not symmetric:
         inits.append(numpy_helper.from_array(zp, "Z"))
-    node = helper.make_node("MatMulNBits", ins, ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
+    return inits, [i.name for i in inits]
+
+
+def runtime_matmul_weight(w_blocks, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    """[N, K] as onnxruntime's MatMulNBits computes with it (identity input, float accuracy level)."""
+    from onnx import TensorProto, helper
+
+    n, k = w_blocks.shape
+    inits, (data, *rest) = _packed(pack_matmul_nbits(w_blocks), symmetric)
+    node = helper.make_node("MatMulNBits", ["A", data, *rest], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=block, accuracy_level=0)
     return _run(node, {"A": (np.eye(k, dtype=np.float32), TensorProto.FLOAT)}, inits).T
 
 
 def runtime_gather_weight(w_blocks, bits: int, block: int, symmetric: bool) -> np.ndarray:
-    from onnx import TensorProto, helper, numpy_helper
+    """[N, K] as onnxruntime's GatherBlockQuantized returns it (every row index)."""
+    from onnx import TensorProto, helper
 
-    data, scales, zp = pack_gather(w_blocks)
     n, _ = w_blocks.shape
-    inits = [numpy_helper.from_array(data, "D"), numpy_helper.from_array(scales, "S")]
-    ins = ["D", "I", "S"] + ([] if symmetric else ["Z"])
-    if not symmetric:
-        inits.append(numpy_helper.from_array(zp, "Z"))
-    node = helper.make_node("GatherBlockQuantized", ins, ["Y"], domain="com.microsoft", gather_axis=0,
+    inits, (data, *rest) = _packed(pack_gather(w_blocks), symmetric)
+    node = helper.make_node("GatherBlockQuantized", [data, "I", *rest], ["Y"], domain="com.microsoft", gather_axis=0,
                             quantize_axis=1, block_size=block, bits=bits)
     return _run(node, {"I": (np.arange(n, dtype=np.int64), TensorProto.INT64)}, inits)
 

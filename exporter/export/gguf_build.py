@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from exporter.errors import LoraxError
+from exporter.gate.registry import recipe_key
 from formats.gguf.imatrix import Imatrix, collect_imatrix, read_imatrix, write_imatrix
 from formats.gguf.quantize import LIBLLAMA_TYPES, NEEDS_IMATRIX, Recipe
 
@@ -109,28 +110,6 @@ def recipes_from_record(record: dict, out_dir: Path) -> dict[str, Recipe]:
             imx = imx or read_imatrix(out_dir / r["imatrix"])
             out[recipe_key("onnx", qtype)] = Recipe(imatrix=imx)
     return out
-
-
-def recipe_key(fmt: str, qtype: str) -> str:
-    """Where a type's recipe sits in the gate's recipes: GGUF types by name, other formats' as FORMAT:TYPE."""
-    return qtype if fmt == "gguf" else f"{fmt}:{qtype}"
-
-
-def onnx_recipe(source: Path, merged: Path, tmp: Path, imx: Imatrix | None, opts, clock) -> Recipe | None:
-    """The ONNX quantization's recipe: the export's importance matrix (computed here when no GGUF needed one),
-    written to dist/imatrix.gguf so the floor and a resumed gate read back the same weighting."""
-    from formats.onnx.quantize import wants_importance
-
-    if not wants_importance(opts.onnx_quant):
-        return None
-    if imx is None:
-        with clock("imatrix"):
-            imx = importance_matrix(source, merged, opts, needed=True)
-    if imx is None:
-        return None
-    if not (tmp / IMATRIX_FILE).is_file():
-        write_imatrix(imx, tmp / IMATRIX_FILE)
-    return Recipe(imatrix=imx)
 
 
 def build_gguf(source: Path, merged: Path, tmp: Path, opts, clock) -> GGUFBuild:

@@ -182,18 +182,10 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock, cl
                     artifacts.append(out_dir / path.name)
             record["warnings"] = list(result.warnings)
         if opts.onnx:
-            from exporter.export.gguf_build import onnx_recipe, recipe_record
-            from formats.gguf.imatrix import hf_importance
+            from exporter.export.onnx_build import build_onnx
             from formats.onnx.bundle import graph_path, variants_in
-            from formats.onnx.export import export_onnx
 
-            recipe = onnx_recipe(source, merged_tmp, tmp, imx, opts, clock)
-            importance = hf_importance(recipe.imatrix, merged_tmp) if recipe is not None else None
-            with clock("onnx"):
-                export_onnx(merged_tmp, tmp / "onnx", dtype=opts.onnx_dtype, quant=opts.onnx_quant,
-                            importance=importance)
-            if opts.onnx_quant:
-                record["onnx_recipes"] = {opts.onnx_quant: recipe_record(recipe)}
+            record.update(build_onnx(source, merged_tmp, tmp, imx, opts, clock))
             # every graph shipped is gated (an int4 export also holds the float32 graph it came from)
             artifacts += [graph_path(out_dir / "onnx", v) for v in variants_in(tmp / "onnx")]
         for p in sorted(tmp.rglob("*")):

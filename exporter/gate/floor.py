@@ -198,9 +198,8 @@ class Floor:
     def measure(self, fmt: str, dtype: str, ref_key: str | None = None) -> dict[str, float]:
         """Parity of the same type, made from the base as trained, against that base (cached per type, and
         remembered beside the reference outputs of `ref_key`: the base as trained is a function of them)."""
-        from exporter.export.gguf_build import recipe_key
         from exporter.gate import reference_store as store
-        from exporter.gate.registry import build
+        from exporter.gate.registry import build, recipe_key
 
         key = (fmt, dtype.lower())
         if key in self._floors:

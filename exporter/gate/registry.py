@@ -108,6 +108,11 @@ def lookup(fmt: str, name: str) -> ExportType:
     return TYPES[key]
 
 
+def recipe_key(fmt: str, qtype: str) -> str:
+    """Where a type's recipe sits in the gate's recipes: GGUF types by name, other formats' as FORMAT:TYPE."""
+    return qtype if fmt == "gguf" else f"{fmt}:{qtype}"
+
+
 def normalise_quants(quants: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """--quant values checked against the registry before anything is written (order kept, no duplicates)."""
     out: list[str] = []
