@@ -24,10 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python scripts/fetch_smollm2.py
 	touch $(STAMP)
 
-# onnxruntime-gpu replaces onnxruntime (the two cannot co-install).
+# onnxruntime-gpu replaces onnxruntime (the two cannot co-install). --no-deps: onnxruntime-genai (a core
+# dependency) requires the CPU onnxruntime and would bring it back; onnxruntime-gpu's own deps are installed.
 install-gpu: install
 	$(BIN)/pip uninstall -y onnxruntime
-	$(BIN)/pip install -c constraints.txt '.[gpu]'
+	$(BIN)/pip install --no-deps -c constraints.txt 'onnxruntime-gpu>=1.23'
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -171,6 +171,19 @@ def _plant(monkeypatch, bug: str) -> None:
             real_init(self, model)
 
         monkeypatch.setattr(decoder.DecoderWithCache, "__init__", init)
+        # the same bug in the GroupQueryAttention graph's writer (the llama family's, formats/onnx/gqa.py)
+        from formats.onnx import gqa
+
+        real_pad_aware = gqa.pad_aware
+
+        def pad_aware(model):
+            real_pad_aware(model)
+            for node in model.graph.node:
+                for a in node.attribute:
+                    if node.op_type == "GroupQueryAttention" and a.name == "scale":
+                        a.f *= 2.0
+
+        monkeypatch.setattr(gqa, "pad_aware", pad_aware)
     else:
         raise AssertionError(bug)
 

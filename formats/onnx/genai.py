@@ -5,10 +5,11 @@
 
 onnxruntime-genai needs this file beside the tokenizer files; lorax writes it from config.json
 (geometry, context length), generation_config.json (every end-of-generation id, the sampling
-defaults) and the graph's own I/O (the cache layout). lorax's graph concatenates the new keys/values
-onto the past ones, so `present` is longer than `past`: genai must then hand over a fresh buffer each
-step (`past_present_share_buffer: false`); with true it feeds a max-length buffer the graph's
-attention does not expect (measured: wrong tokens after the first step).
+defaults) and the graph's own I/O (the cache layout). lorax's graphs (traced or GQA) return
+present = past + the new keys/values, so `present` is longer than `past`: genai must then hand over a
+fresh buffer each step (`past_present_share_buffer: false`); with true it feeds a max-length buffer the
+graph's attention does not expect (measured on the traced graph: wrong tokens after the first step;
+the GQA graph derives each row's cache length from the mask's width, which a shared buffer breaks).
 """
 
 from __future__ import annotations

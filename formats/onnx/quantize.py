@@ -148,23 +148,33 @@ def _uses(model, hf_names: Mapping) -> tuple[list[_Use], list[_Use]]:
     def named(w: np.ndarray) -> str | None:
         return hf_names.get((w.shape, _digest(w)))
 
+    def transposed(name: str) -> np.ndarray | None:
+        """The 2-D initializer behind `name` when `name` is its plain Transpose, in the initializer's layout."""
+        src = producers.get(name)
+        if src is None or src.op_type != "Transpose" or src.input[0] not in inits:
+            return None
+        perm = [a.ints for a in src.attribute if a.name == "perm"]
+        if array(src.input[0]).ndim != 2 or (perm and list(perm[0]) != [1, 0]):
+            return None
+        return array(src.input[0])
+
     matmuls, gathers = [], []
     for node in graph.node:
         if node.op_type == "MatMul":
             b = node.input[1]
             if b in inits and array(b).ndim == 2:
                 w = np.ascontiguousarray(array(b).T)  # MatMul's B is [K, N]; the ops want [N, K]
-            elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits:
-                src = producers[b]
-                perm = [a.ints for a in src.attribute if a.name == "perm"]
-                if array(src.input[0]).ndim != 2 or (perm and list(perm[0]) != [1, 0]):
-                    continue
-                w = array(src.input[0])  # a tied lm_head: Transpose(embedding) -> already [N, K]
-            else:
+            elif (w := transposed(b)) is None:  # a tied lm_head: Transpose(embedding) -> already [N, K]
                 continue
             matmuls.append(_Use(node, w.astype(np.float32), named(w)))
-        elif node.op_type == "Gather" and node.input[0] in inits and array(node.input[0]).ndim == 2:
-            w = array(node.input[0]).astype(np.float32)
+        elif node.op_type == "Gather":
+            data = node.input[0]
+            if data in inits and array(data).ndim == 2:
+                w = array(data).astype(np.float32)
+            elif (t := transposed(data)) is not None:  # the builder's tied embedding: Transpose(lm_head [K, N])
+                w = np.ascontiguousarray(t.T).astype(np.float32)
+            else:
+                continue
             name = named(w)
             if name is not None and role_of(name) == EMBEDDING:
                 gathers.append(_Use(node, w, name))
