@@ -125,6 +125,14 @@ def test_onnx_int4_is_weighted_by_the_calibration_matrix_and_its_floor_too(adapt
                                if i.name.endswith(".scales")])
 
     assert not np.array_equal(scales(tmp_path / "w"), scales(tmp_path / "plain"))
+    # a standalone `lorax check` of the weighted export builds its floor file with the export's matrix too
+    # (lorax.json beside the artifact), not unweighted; nothing recalled, so the floor is really built
+    seen.clear()
+    monkeypatch.setenv("LORAX_REFERENCE_CACHE", "off")
+    rc = main(["check", str(adapter), str(tmp_path / "w" / "onnx"), "--gen-tokens", "4", "--max-samples", "2",
+               "--floor", "always", "--threshold", "top1=0.4"])
+    floors = [r for stem, dtype, r in seen if stem == "floor" and dtype == "int4"]
+    assert rc == 0 and floors and floors[0] is not None and floors[0].imatrix is not None, seen
 
 
 def _swap_gate_up(spec):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import click
 
 from exporter.cli.options import adapter_options, gate_options
@@ -44,6 +47,10 @@ def command(adapter: str, artifacts: tuple[str, ...], thresholds: tuple[str, ...
     except ValueError as e:
         raise LoraxError(str(e)) from None
     opts = build(GateOptions, flags, overrides=overrides)
+    # the floor builds each lossy type as its export did (importance matrix, tensor types): lorax.json beside it
+    from exporter.export.gguf_build import recipes_of_artifacts
+
+    opts = replace(opts, recipes=recipes_of_artifacts([Path(a) for a in artifacts]))
     report = check(adapter, list(artifacts), opts)
     click.echo(to_markdown(report))
     if not report.passed:

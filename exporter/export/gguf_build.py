@@ -14,6 +14,7 @@ rebuilds that recipe from the record for the floor (`recipes_from_record`), so a
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -109,6 +110,35 @@ def recipes_from_record(record: dict, out_dir: Path) -> dict[str, Recipe]:
         if r and r.get("imatrix"):
             imx = imx or read_imatrix(out_dir / r["imatrix"])
             out[recipe_key("onnx", qtype)] = Recipe(imatrix=imx)
+    return out
+
+
+def export_dir_of(artifact: Path) -> Path:
+    """The `lorax export` dir an artifact sits in: a GGUF's folder; DIST for DIST/onnx; else the path itself."""
+    artifact = Path(artifact)
+    if artifact.is_file():
+        return artifact.parent
+    meta = artifact / "lorax.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("kind") == "onnx":
+        return artifact.parent
+    return artifact
+
+
+def recipes_of_artifacts(artifacts: list[Path]) -> dict[str, Recipe]:
+    """The recipes the exports holding `artifacts` quantized with (lorax.json beside them), for a standalone
+    `lorax check`: its floor then builds each type as the target was built, as `lorax export`'s gate does.
+    Two exports that quantized one type differently cannot share one floor: refused."""
+    out: dict[str, Recipe] = {}
+    for dist in dict.fromkeys(export_dir_of(a) for a in artifacts):
+        meta = dist / "lorax.json"
+        record = json.loads(meta.read_text()) if meta.is_file() else {}
+        if record.get("kind") not in (None, "export"):
+            continue
+        for key, recipe in recipes_from_record(record, dist).items():
+            if key in out and out[key].identity() != recipe.identity():
+                raise LoraxError(f"{key} was quantized differently in two of the checked exports; "
+                                 f"check one export's artifacts at a time")
+            out[key] = recipe
     return out
 
 
