@@ -83,16 +83,24 @@ def test_floor_explains_honest_rounding(adapter, tmp_path, floor_decides):
     assert rc == 1 and all(t["floor"] is None for t in by.values())
 
 
-def test_honest_onnx_int4_passes_with_control_and_floor(adapter, tmp_path):
+def test_honest_onnx_int4_passes_with_control_and_floor(adapter, tmp_path, monkeypatch):
     """int4 on the table's own row, floor measured anyway. Not floor_decides: on this tiny model with a large
     random LoRA, int4 of the merge loses more than int4 of the base as trained (0.19 vs 0.13 mean KLD), so the
     floor is no proxy here; the table (0.25, q4_0's class) passes it. top-1 is the user's to set here (a
     --threshold is never relaxed): the tiny model's flat distributions give int4 a top-1 of ~0.5."""
+    built: list = []
+    real = registry.BUILDERS["onnx"]
+    monkeypatch.setitem(registry.BUILDERS, "onnx", lambda hf, dtype, work, stem, recipe=None: (
+        built.append((stem, dtype)), real(hf, dtype, work, stem, recipe))[1])
     rc, by = _export(adapter, tmp_path / "onnx", *ONNX, "--floor", "always", "--threshold", "top1=0.4")
     t = by["int4"]
     assert rc == 0 and t["passed"], t["failures"]
     assert t["control"]["passed"] and t["control"]["metrics"]["kld_mean"] <= 1e-4
     assert t["floor"] is not None and t["floor"]["kld_mean"] > 0
+    # the control is the export's own float32 graph (same writer, same run), measured, not built again;
+    # it is the float32 target's file, so their metrics agree
+    assert ("control", "float32") not in built and ("floor", "int4") in built, built
+    assert t["control"]["metrics"]["kld_mean"] == pytest.approx(by["float32"]["metrics"]["kld_mean"])
 
 
 def test_onnx_int4_is_weighted_by_the_calibration_matrix_and_its_floor_too(adapter, tmp_path, monkeypatch):

@@ -185,7 +185,7 @@ def evaluate_target(target: Target, yard: Yardstick, ref: RefOutputs, ref_accura
 
 def _evaluate(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: float | None,
               overrides: dict | None, floor) -> TargetResult:
-    from exporter.gate.floor import applies, relax
+    from exporter.gate.floor import applies, relax, shipped_control
 
     samples, gen_tokens = yard.samples, yard.gen_tokens
     mismatch, logits, gens = run_target(target, yard)
@@ -209,7 +209,7 @@ def _evaluate(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: fl
     failures += violations(m, limits)
     floor_metrics, control = None, None
     if floor is not None and applies(target.format, target.dtype):
-        ctl = floor.control(target.format, ref)
+        ctl = floor.control(target.format, ref, shipped_control(target.format, target.dtype, target.path))
         control = {"type": ctl.dtype, "metrics": ctl.metrics, "thresholds": ctl.limits, "failures": ctl.failures,
                    "passed": ctl.passed}
         if not ctl.passed:

@@ -171,9 +171,11 @@ class Floor:
         m = self.merge
         return ["merge", m.merge_base, m.dtype, m.trained_on, m.double_quant, str(m.base_dir)]
 
-    def control(self, fmt: str, ref: RefOutputs) -> Control:
+    def control(self, fmt: str, ref: RefOutputs, shipped: Path | None = None) -> Control:
         """The lossless control of `fmt` against the reference outputs (cached per format, and remembered
-        beside stored reference outputs: a second check of the same build skips the merge and the file)."""
+        beside stored reference outputs: a second check of the same build skips the merge and the file).
+        `shipped`: the export's own lossless file of the same weights (shipped_control), measured instead of
+        building one."""
         from exporter.gate import reference_store as store
         from exporter.gate.registry import build
 
@@ -184,14 +186,19 @@ class Floor:
             log.info("control %s/%s: reused the measurement stored with the reference outputs", fmt, hit["dtype"])
             self._controls[fmt] = Control(fmt, hit["dtype"], hit["metrics"], hit["limits"], hit["failures"])
             return self._controls[fmt]
-        merged = self.merged()
-        dtype = control_type(fmt, merged)
-        path = build(fmt, merged, dtype, self.work, "control")
+        if shipped is not None:
+            log.info("control %s: the export's own %s (same writer, same run, same weights)", fmt, shipped)
+            path, dtype = shipped, "float32"
+        else:
+            merged = self.merged()
+            dtype = control_type(fmt, merged)
+            path = build(fmt, merged, dtype, self.work, "control")
         parity = metrics.compare(ref.logits, self._logits(fmt, path), [s.ids for s in self.samples])
         m = parity.as_dict()
         limits = limits_for(fmt, dtype, positions=parity.positions)
         self._controls[fmt] = Control(fmt, dtype, m, limits, violations(m, limits))
-        _remove(path)
+        if shipped is None:
+            _remove(path)
         store.remember(ref.key, name, asdict(self._controls[fmt]))
         return self._controls[fmt]
 
@@ -235,6 +242,25 @@ class Floor:
         if self._work is not None:
             shutil.rmtree(self._work, ignore_errors=True)
             self._work = None
+
+
+def shipped_control(fmt: str, dtype: str, path: Path) -> Path | None:
+    """The lossless file an ONNX target's own export wrote beside it, or None.
+
+    `lorax export --onnx --onnx-quant int4` writes onnx/model.onnx (float32) and quantizes it into
+    onnx/model_q4.onnx in one run, and lorax.json lists both variants: that float32 graph is exactly the
+    control's file (the same writer's exact file of the same merged weights). Measuring it saves building
+    the graph again (the whole ONNX export: minutes at 1B+). GGUF dirs ship no merged f32 file."""
+    if fmt != "onnx" or dtype == "float32":
+        return None
+    from formats.onnx import bundle
+
+    root = bundle.export_root(path)
+    if root is None:
+        return None
+    variants = bundle.read_meta(root).get("variants") or {}
+    graph = bundle.graph_path(root, "float32")
+    return graph if {"float32", dtype} <= set(variants) and graph.is_file() else None
 
 
 def control_type(fmt: str, merged: Path) -> str:
