@@ -172,3 +172,14 @@ def test_llama_quantize_reads_the_file_and_makes_the_same_tensors(imx, f32_gguf,
     assert t["blk.0.ffn_gate.weight"][0] == GGMLQuantizationType.Q8_0
     assert sum(t[n] != p[n] for n in t) >= 10  # the matrix moved the rounding: the test can tell files apart
     assert GGUFReader(str(theirs)).fields["quantize.imatrix.entries_count"].contents() == 15  # in_sum2 + counts pairs
+
+
+def test_bfloat16_forward_gives_the_matrix_within_bf16_rounding(tiny_model_dir, imx, seqs):
+    """Where the CPU has native bf16 the export's forward runs in it (formats/gguf/imatrix.compute_dtype): the
+    statistic moves by bf16's rounding (8 mantissa bits, ~0.4% a value, compounded over the layers), not more."""
+    bf = collect_imatrix(tiny_model_dir, seqs, token_budget=150, progress=False, dtype="bfloat16")
+    a, b = imx.values(), bf.values()
+    assert a.keys() == b.keys() and bf.tokens == imx.tokens
+    rel = {k: np.abs(a[k] - b[k]) / np.abs(a[k]) for k in a}
+    print({k: (float(np.median(r)), float(r.max())) for k, r in rel.items()})
+    assert all(np.median(r) < 0.02 and r.max() < 0.1 for r in rel.values())
