@@ -266,3 +266,23 @@ def test_int4_quantizer_packing_fault_fails_the_gate_though_the_floor_carries_it
     assert rc == 1 and not t["passed"], t
     assert any("kld_mean" in f for f in t["failures"]), t["failures"]
     assert t["control"]["passed"] and t["control"]["metrics"]["kld_mean"] <= 1e-4
+
+
+def test_check_refuses_artifacts_of_two_exports_that_quantized_one_type_differently(tmp_path):
+    """A standalone check's floor builds each type with its export's recipe (lorax.json beside the artifact);
+    one floor cannot stand for two recipes of the same type, so mixing such exports is refused, by name."""
+    from exporter.errors import LoraxError
+    from exporter.export.gguf_build import recipes_of_artifacts
+
+    paths = []
+    for name, bump in (("a", "q6_k"), ("b", "q8_0")):
+        d = tmp_path / name
+        d.mkdir()
+        art = {"path": "model-q4_k_m.gguf", "kind": "model", "format": "gguf", "type": "q4_k_m",
+               "recipe": {"imatrix": None, "tensor_types": [f"ffn_gate={bump}"]}}
+        (d / "lorax.json").write_text(json.dumps({"kind": "export", "artifacts": [art]}))
+        (d / "model-q4_k_m.gguf").write_bytes(b"GGUF")
+        paths.append(d / "model-q4_k_m.gguf")
+    assert recipes_of_artifacts(paths[:1])["q4_k_m"].tensor_types == (("ffn_gate", "q6_k"),)
+    with pytest.raises(LoraxError, match="q4_k_m was quantized differently"):
+        recipes_of_artifacts(paths)

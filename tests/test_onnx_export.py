@@ -174,6 +174,7 @@ def test_side_files_read_in_transformers_4(onnx_dirs, hf_dirs):
     meta = json.loads((d / "lorax.json").read_text())
     assert (meta["kind"], meta["dtype"], meta["quant"]) == ("onnx", "float32", None)
     assert meta["variants"] == {"float32": "onnx/model.onnx"}
+    assert meta["graph"] == "gqa" and json.loads((onnx_dirs["phi3"] / "lorax.json").read_text())["graph"] == "traced"
     import onnx
 
     graph = onnx.load(str(d / "onnx" / "model.onnx"), load_external_data=False)

@@ -90,7 +90,8 @@ def export_onnx(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
     stages = ["trace"] + (["quantize"] if quant else []) + ["side files"]
     with atomic_dir(out_dir, force=force) as tmp, progress(total=len(stages), desc="onnx export", unit="step") as bar:
         traced = bundle.graph_path(tmp, dtype)
-        if uses_gqa(config, dtype):  # the fast graph where it was measured exact (formats/onnx/gqa.py)
+        kind = "gqa" if uses_gqa(config, dtype) else "traced"
+        if kind == "gqa":  # the fast graph where it was measured exact (formats/onnx/gqa.py)
             bar.set_postfix_str(f"building {config['model_type']} (GroupQueryAttention, {dtype})")
             build_gqa_decoder(hf_dir, traced, external_data=external_data)
         else:
@@ -104,7 +105,7 @@ def export_onnx(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
             bar.update()
         bar.set_postfix_str("config + tokenizer")
         write_side_files(hf_dir, tmp, out_dir, variants=[dtype, *([quant] if quant else [])], primary=primary,
-                         opset=opset)
+                         opset=opset, graph=kind)
         bar.update()
         files = _digests(tmp)
         graph = bundle.graph_path(tmp, primary)
@@ -126,7 +127,7 @@ def _read_config(hf_dir: Path) -> dict:
 
 
 def write_side_files(hf_dir: Path, root: Path, final_dir: Path, variants: list[str], primary: str,
-                     opset: int | None) -> None:
+                     opset: int | None, graph: str = "traced") -> None:
     """Config, generation config, tokenizer, chat template, genai_config.json and lorax.json in `root`
     (the temp dir that becomes `final_dir`), readable by transformers 4.x and transformers.js."""
     for name in SIDE_FILES:
@@ -147,7 +148,7 @@ def write_side_files(hf_dir: Path, root: Path, final_dir: Path, variants: list[s
         "quantization": DESCRIPTIONS.get(primary),
         "source": source_record(hf_dir, final_dir),
         "opset": opset or _graph_opset(bundle.graph_path(root, variants[0])),
-        "graph": graph_kind(bundle.graph_path(root, variants[0])),
+        "graph": graph,  # "gqa": formats/onnx/gqa.py's builder graph; "traced": decoder.py's
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, **_builder_version()},
     }
     (root / bundle.META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -176,14 +177,6 @@ def _builder_version() -> dict[str, str]:
         return {"onnxruntime-genai": version("onnxruntime-genai")}
     except PackageNotFoundError:
         return {}
-
-
-def graph_kind(path: Path) -> str:
-    """"gqa" for the builder's GroupQueryAttention graph (formats/onnx/gqa.py), else "traced" (decoder.py)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return "gqa" if any(n.op_type == "GroupQueryAttention" for n in model.graph.node) else "traced"
 
 
 def _graph_opset(path: Path) -> int:

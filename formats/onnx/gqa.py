@@ -34,6 +34,7 @@ from pathlib import Path
 
 from formats.errors import FormatError
 from formats.onnx import layout
+from formats.onnx.quantize import live_nodes
 
 # model_types whose builder graph matched transformers on a tiny model (llama covers Llama 3.2 and SmolLM2).
 GQA_ARCHS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -116,7 +117,9 @@ def pad_aware(model) -> None:
     if pos not in {i.name for i in g.input}:
         at = [i.name for i in g.input].index(mask) + 1
         g.input.insert(at, helper.make_tensor_value_info(pos, TensorProto.INT64, [layout.BATCH, layout.SEQUENCE]))
-    _drop_dead(g)
+    live = live_nodes(list(g.node), {o.name for o in g.output})  # the builder's seqlens subgraph is dead now
+    del g.node[:]
+    g.node.extend(live)
 
 
 def windows(config: dict) -> list[int]:
@@ -196,17 +199,6 @@ def optimum_io(model, geom: layout.CacheGeometry) -> None:
             c.CopyFrom(v)
         del field[:]
         field.extend(copies)
-
-
-def _drop_dead(g) -> None:
-    """Remove nodes whose outputs nothing reads (the builder's old seqlens subgraph)."""
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            return
-        for n in dead:
-            g.node.remove(n)
 
 
 def build_gqa_decoder(hf_dir: Path, dest: Path, external_data: bool | None = None) -> Path:

@@ -218,9 +218,10 @@ def _gather_block_quantized(use: _Use, q: WeightQuant, prefix: str):
     return node, inits
 
 
-def _live(nodes: list, outputs: set[str]) -> list:
+def live_nodes(nodes: list, outputs: set[str]) -> list:
     """`nodes` without those whose results nothing reads any more (a tied lm_head's Transpose of the float
-    embedding, once both its readers are quantized): else the float32 weight would stay in the file."""
+    embedding, once both its readers are quantized: else the float32 weight would stay in the file; the GQA
+    builder's seqlens subgraph once formats/onnx/gqa.py replaces it)."""
     while True:
         read = outputs | {i for n in nodes for i in n.input}
         kept = [n for n in nodes if any(o in read for o in n.output)]
@@ -262,7 +263,7 @@ def _search_quantize(model, q: WeightQuant, hf_dir: Path, importance: Mapping[st
                     replace[id(use.node)] = node
                     new_inits += inits
                 bar.update()
-    nodes = _live([replace.get(id(n), n) for n in model.graph.node], {o.name for o in model.graph.output})
+    nodes = live_nodes([replace.get(id(n), n) for n in model.graph.node], {o.name for o in model.graph.output})
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(new_inits)
