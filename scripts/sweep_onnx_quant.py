@@ -47,10 +47,21 @@ def importance(hf_dir: Path, adapter: Path | None) -> dict | None:
     return hf_importance(collect_imatrix(hf_dir, cal.sequences, progress=False), hf_dir)
 
 
+def calibration(hf_dir: Path, adapter: Path | None) -> list[list[int]] | None:
+    """The adapter's training rows as token ids (GPTQ's calibration, as `lorax export` renders them)."""
+    if adapter is None:
+        return None
+    from transformers import AutoTokenizer
+
+    from exporter.export.calibration import calibration_sequences
+
+    return calibration_sequences(adapter, AutoTokenizer.from_pretrained(hf_dir)).sequences
+
+
 def build(src_root: Path, work: Path, names: list[str], hf_dir: Path, adapter: Path | None) -> dict[str, Path]:
     """work/onnx/<name>.onnx for each setting (side files copied so each graph opens like an export)."""
     from formats.onnx.bundle import graph_path
-    from formats.onnx.quantize import quantize
+    from formats.onnx.quantize import quantize, wants_calibration
 
     (work / "onnx").mkdir(parents=True, exist_ok=True)
     for p in src_root.iterdir():
@@ -63,7 +74,8 @@ def build(src_root: Path, work: Path, names: list[str], hf_dir: Path, adapter: P
             if not imp:
                 imp.append(importance(hf_dir, adapter))
             t = time.perf_counter()
-            quantize(graph_path(src_root, "float32"), dest, name, hf_dir, importance=imp[0])
+            quantize(graph_path(src_root, "float32"), dest, name, hf_dir, importance=imp[0],
+                     calibration=calibration(hf_dir, adapter) if wants_calibration(name) else None)
             print(f"  built {name} in {time.perf_counter() - t:.0f} s", flush=True)
         out[name] = dest
     return out

@@ -103,13 +103,17 @@ def test_honest_onnx_int4_passes_with_control_and_floor(adapter, tmp_path, monke
     assert t["control"]["metrics"]["kld_mean"] == pytest.approx(by["float32"]["metrics"]["kld_mean"])
 
 
-def test_onnx_int4_is_weighted_by_the_calibration_matrix_and_its_floor_too(adapter, tmp_path, monkeypatch):
-    """--calibration gives int4 an importance matrix: it is shipped as dist/imatrix.gguf, named in lorax.json,
-    changes the int4 weights (vs the same export with --imatrix off), and the floor's int4 file of the base
-    as trained is weighted by the same matrix (its builder gets the recipe)."""
+def test_onnx_int4_calibrates_gptq_on_the_rows_and_its_floor_too(adapter, tmp_path, monkeypatch):
+    """--calibration gives int4 GPTQ's rows: shipped as dist/calibration.json (token ids), named in lorax.json,
+    and the floor's int4 file of the base as trained is quantized from the same rows (its builder gets the
+    recipe; a standalone check reads it back from lorax.json). Without rows int4 is the weighted search, as
+    onnx/lorax.json says, with other weights."""
     import onnx
     from onnx import numpy_helper
     from tiny_data import chat_records, write_jsonl
+
+    from exporter.export.gguf_build import recipes_from_record
+    from exporter.export.onnx_build import read_calibration
 
     seen: list = []
     real = registry.BUILDERS["onnx"]
@@ -120,27 +124,33 @@ def test_onnx_int4_is_weighted_by_the_calibration_matrix_and_its_floor_too(adapt
                      "--threshold", "top1=0.4")
     assert rc == 0, by["int4"]["failures"]
     meta = json.loads((tmp_path / "w" / "lorax.json").read_text())
-    assert meta["onnx_recipes"]["int4"]["imatrix"] == "imatrix.gguf" and (tmp_path / "w" / "imatrix.gguf").is_file()
+    assert meta["onnx_recipes"]["int4"]["calibration"] == "calibration.json"
+    rows = read_calibration(tmp_path / "w" / "calibration.json")
+    assert len(rows) == 16 and meta["onnx_recipes"]["int4"]["calibration_tokens"] == sum(map(len, rows))
+    quant = json.loads((tmp_path / "w" / "onnx" / "lorax.json").read_text())["quantization"]
+    assert quant["algorithm"] == "gptq" and quant["block_size"] == 32
     floors = [r for stem, dtype, r in seen if stem == "floor" and dtype == "int4"]
-    assert floors and floors[0] is not None and floors[0].imatrix is not None
-    rc, _ = _export(adapter, tmp_path / "plain", *ONNX, "--imatrix", "off", "--floor", "off",
-                    "--threshold", "top1=0.4")
-    assert rc == 0 and not (tmp_path / "plain" / "imatrix.gguf").exists()
+    assert floors and floors[0] is not None and floors[0].calibration == rows
+    assert recipes_from_record(meta, tmp_path / "w")[registry.recipe_key("onnx", "int4")].calibration == rows
+    rc, _ = _export(adapter, tmp_path / "plain", *ONNX, "--floor", "off", "--threshold", "top1=0.4")
+    assert rc == 0 and not (tmp_path / "plain" / "calibration.json").exists()
+    plain = json.loads((tmp_path / "plain" / "onnx" / "lorax.json").read_text())["quantization"]
+    assert plain["algorithm"] == "search" and plain["block_size"] == 16
 
     def scales(d: Path) -> np.ndarray:
         g = onnx.load(str(d / "onnx" / "onnx" / "model_q4.onnx"))
         return np.concatenate([numpy_helper.to_array(i).ravel() for i in g.graph.initializer
                                if i.name.endswith(".scales")])
 
-    assert not np.array_equal(scales(tmp_path / "w"), scales(tmp_path / "plain"))
-    # a standalone `lorax check` of the weighted export builds its floor file with the export's matrix too
-    # (lorax.json beside the artifact), not unweighted; nothing recalled, so the floor is really built
+    assert scales(tmp_path / "w").size != scales(tmp_path / "plain").size  # blocks of 32 vs 16
+    # a standalone `lorax check` of the calibrated export builds its floor file from the export's rows too
+    # (lorax.json beside the artifact), not uncalibrated; nothing recalled, so the floor is really built
     seen.clear()
     monkeypatch.setenv("LORAX_REFERENCE_CACHE", "off")
     rc = main(["check", str(adapter), str(tmp_path / "w" / "onnx"), "--gen-tokens", "4", "--max-samples", "2",
                "--floor", "always", "--threshold", "top1=0.4"])
     floors = [r for stem, dtype, r in seen if stem == "floor" and dtype == "int4"]
-    assert rc == 0 and floors and floors[0] is not None and floors[0].imatrix is not None, seen
+    assert rc == 0 and floors and floors[0] is not None and floors[0].calibration == rows, seen
 
 
 def _swap_gate_up(spec):

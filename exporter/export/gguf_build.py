@@ -27,6 +27,7 @@ from formats.gguf.quantize import LIBLLAMA_TYPES, NEEDS_IMATRIX, Recipe
 log = logging.getLogger(__name__)
 
 IMATRIX_FILE = "imatrix.gguf"
+CALIBRATION_FILE = "calibration.json"  # ONNX int4's GPTQ rows (exporter.export.onnx_build writes it)
 
 
 @dataclass
@@ -87,10 +88,14 @@ def recipes_for(quants: tuple[str, ...], imx: Imatrix | None, opts) -> dict[str,
 def recipe_record(recipe: Recipe | None) -> dict | None:
     if recipe is None or recipe.plain:
         return None
-    return {"imatrix": IMATRIX_FILE if recipe.imatrix is not None else None,
-            "imatrix_tokens": recipe.imatrix.tokens if recipe.imatrix is not None else None,
-            "tensor_types": [f"{p}={t}" for p, t in recipe.tensor_types],
-            "output_type": recipe.output_type, "embedding_type": recipe.embedding_type}
+    out = {"imatrix": IMATRIX_FILE if recipe.imatrix is not None else None,
+           "imatrix_tokens": recipe.imatrix.tokens if recipe.imatrix is not None else None,
+           "tensor_types": [f"{p}={t}" for p, t in recipe.tensor_types],
+           "output_type": recipe.output_type, "embedding_type": recipe.embedding_type}
+    if recipe.calibration:  # ONNX int4's GPTQ rows (exporter.export.onnx_build)
+        out["calibration"] = CALIBRATION_FILE
+        out["calibration_tokens"] = sum(map(len, recipe.calibration))
+    return out
 
 
 def recipes_from_record(record: dict, out_dir: Path) -> dict[str, Recipe]:
@@ -106,8 +111,12 @@ def recipes_from_record(record: dict, out_dir: Path) -> dict[str, Recipe]:
         out[a["type"]] = Recipe(imatrix=imx if r.get("imatrix") else None,
                                 tensor_types=tuple(tuple(s.rsplit("=", 1)) for s in r.get("tensor_types", [])),
                                 output_type=r.get("output_type"), embedding_type=r.get("embedding_type"))
-    for qtype, r in (record.get("onnx_recipes") or {}).items():  # the ONNX int4 quantizer's weighting
-        if r and r.get("imatrix"):
+    for qtype, r in (record.get("onnx_recipes") or {}).items():  # the ONNX int4 quantizer's rows or weighting
+        if r and r.get("calibration"):
+            from exporter.export.onnx_build import read_calibration
+
+            out[recipe_key("onnx", qtype)] = Recipe(calibration=read_calibration(out_dir / r["calibration"]))
+        elif r and r.get("imatrix"):
             imx = imx or read_imatrix(out_dir / r["imatrix"])
             out[recipe_key("onnx", qtype)] = Recipe(imatrix=imx)
     return out

@@ -1,27 +1,70 @@
-"""The ONNX stage of `lorax export`: the graphs, and the importance matrix int4 is weighted by.
+"""The ONNX stage of `lorax export`: the graphs, and what the int4 quantizer calibrates on.
 
-    lorax export adapter/ --out dist/ --onnx --onnx-quant int4      # dist/onnx/ (+ dist/imatrix.gguf)
+    lorax export adapter/ --out dist/ --onnx --onnx-quant int4      # dist/onnx/ + dist/calibration.json
 
-The matrix is the export's one importance matrix (exporter.export.gguf_build computes it when a GGUF K-quant
-needs it; otherwise it is computed here from the same training rows), shipped as dist/imatrix.gguf and named
-in lorax.json's `onnx_recipes`, so the floor and a resumed gate weigh their int4 files the same way.
+int4 runs GPTQ (formats/onnx/gptq.py) on the fine-tune's own training rows (exporter.export.calibration, the
+rows the importance matrix reads). Their token ids ship as dist/calibration.json and lorax.json's
+`onnx_recipes` names the file, so the floor and a later `lorax check` quantize their int4 files from the same
+rows. Without training rows (an HF dir exported alone, data that moved) int4 falls back to the weighted
+search (formats.onnx.quantize.UNCALIBRATED), weighted by the export's importance matrix (dist/imatrix.gguf)
+when there is one; lorax.json's `quantization` says which ran.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
-from exporter.export.gguf_build import IMATRIX_FILE, importance_matrix, recipe_record
-from formats.gguf.imatrix import Imatrix, write_imatrix
+from exporter.errors import LoraxError
+from exporter.export.gguf_build import CALIBRATION_FILE, IMATRIX_FILE, importance_matrix, recipe_record
+from formats.gguf.imatrix import Imatrix, budget_rows, write_imatrix
 from formats.gguf.quantize import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def calibration_rows(source: Path, merged: Path, opts) -> tuple[tuple[int, ...], ...]:
+    """The calibration rows' token ids within the export's token budget; () when the source has none."""
+    from transformers import AutoTokenizer
+
+    from exporter.export.calibration import calibration_sequences
+
+    try:
+        cal = calibration_sequences(source, AutoTokenizer.from_pretrained(merged), opts.calibration)
+    except LoraxError as e:
+        log.warning("%s; int4 falls back to the weighted search (no GPTQ)", e)
+        return ()
+    return tuple(tuple(r) for r in budget_rows(cal.sequences, opts.imatrix_tokens))
+
+
+def write_calibration(rows: tuple[tuple[int, ...], ...], path: Path) -> None:
+    path.write_text(json.dumps({"kind": "calibration", "format": "token ids", "rows": [list(r) for r in rows]})
+                    + "\n")
+
+
+def read_calibration(path: Path) -> tuple[tuple[int, ...], ...]:
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LoraxError(f"{path}: not a lorax calibration file ({e}); re-run lorax export") from None
+    return tuple(tuple(int(t) for t in r) for r in rows)
 
 
 def onnx_recipe(source: Path, merged: Path, tmp: Path, imx: Imatrix | None, opts, clock) -> Recipe | None:
-    """The ONNX quantization's recipe: the export's importance matrix (computed here when no GGUF needed one),
-    written to dist/imatrix.gguf so the floor and a resumed gate read back the same weighting."""
-    from formats.onnx.quantize import wants_importance
+    """The ONNX quantization's recipe: GPTQ's calibration rows (written to dist/calibration.json), or for the
+    uncalibrated fallback the export's importance matrix (dist/imatrix.gguf), so the floor and a resumed gate
+    quantize their files the same way."""
+    from formats.onnx.quantize import wants_calibration, wants_importance
 
-    if not wants_importance(opts.onnx_quant):
+    rows: tuple[tuple[int, ...], ...] = ()
+    if wants_calibration(opts.onnx_quant):
+        with clock("calibration"):
+            rows = calibration_rows(source, merged, opts)
+        if rows:
+            write_calibration(rows, tmp / CALIBRATION_FILE)
+            return Recipe(calibration=rows)
+    if not wants_importance(opts.onnx_quant, calibrated=bool(rows)):
         return None
     if imx is None:
         with clock("imatrix"):
@@ -39,7 +82,9 @@ def build_onnx(source: Path, merged: Path, tmp: Path, imx: Imatrix | None, opts,
     from formats.onnx.export import export_onnx
 
     recipe = onnx_recipe(source, merged, tmp, imx, opts, clock)
-    importance = hf_importance(recipe.imatrix, merged) if recipe is not None else None
+    importance = hf_importance(recipe.imatrix, merged) if recipe is not None and recipe.imatrix else None
+    calibration = recipe.calibration if recipe is not None else None
     with clock("onnx"):
-        export_onnx(merged, tmp / "onnx", dtype=opts.onnx_dtype, quant=opts.onnx_quant, importance=importance)
+        export_onnx(merged, tmp / "onnx", dtype=opts.onnx_dtype, quant=opts.onnx_quant, importance=importance,
+                    calibration=calibration)
     return {"onnx_recipes": {opts.onnx_quant: recipe_record(recipe)}} if opts.onnx_quant else {}

@@ -138,6 +138,8 @@ def _build_onnx(hf_dir: Path, dtype: str, work: Path, stem: str, recipe=None) ->
     kw = {"quant": dtype} if dtype in ("int8", "int4") else {"dtype": dtype}
     if recipe is not None and recipe.imatrix is not None:  # the target's weighting (the floor's file too)
         kw["importance"] = hf_importance(recipe.imatrix, hf_dir)
+    if recipe is not None and recipe.calibration:  # GPTQ's rows: each model calibrates on its own inputs
+        kw["calibration"] = recipe.calibration
     return export_onnx(hf_dir, work / f"{stem}-onnx-{dtype}", force=True, **kw).dir
 
 

@@ -137,24 +137,13 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
             out_name = None if tied else mapped[0]
         else:
             hooks.append(mod.register_forward_pre_hook(lambda _m, args, n=mapped[0]: add(n, args[0])))
-    rows, seen = [], 0
-    for ids in sequences:  # the budget takes whole rows in order, then the head of the last one
-        ids = list(ids)[: token_budget - seen]
-        if not ids:
-            break
-        rows.append(ids)
-        seen += len(ids)
+    rows = budget_rows(sequences, token_budget)
+    seen = sum(map(len, rows))
     decoder = model.get_decoder()  # the blocks and the final norm, without the output projection
     try:
         with torch.inference_mode(), bar_of(total=seen, desc="imatrix", unit="tok", enabled=progress,
                                           leave=False) as bar:
-            for batch in _batches(sorted(rows, key=len)):  # similar lengths together: little padding
-                width = len(batch[-1])
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros(len(batch), width, dtype=torch.long)
-                for i, r in enumerate(batch):
-                    ids[i, : len(r)] = torch.tensor(r)
-                    mask[i, : len(r)] = 1
+            for ids, mask in padded_batches(rows):
                 keep[0] = mask.reshape(-1).bool()
                 hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
                 if out_name is not None:
@@ -167,6 +156,34 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
         raise FormatError("no calibration tokens went through the model; the importance matrix is empty")
     return Imatrix({k: v.to(torch.float32).numpy() for k, v in sums.items()}, counts, list(datasets),
                    len(rows), max(map(len, rows)))
+
+
+def budget_rows(sequences: Sequence[Sequence[int]], token_budget: int) -> list[list[int]]:
+    """The first `token_budget` tokens of `sequences`: whole rows in order, then the head of the last one."""
+    rows, seen = [], 0
+    for ids in sequences:
+        ids = list(ids)[: token_budget - seen]
+        if not ids:
+            break
+        rows.append(ids)
+        seen += len(ids)
+    return rows
+
+
+def padded_batches(rows: list[list[int]]):
+    """(ids, mask) long tensors of right-padded batches, rows sorted by length (similar lengths together:
+    little padding). Under a causal mask no real token attends to a later pad, so each real position computes
+    what it would alone; callers drop the pad rows by the mask."""
+    import torch
+
+    for batch in _batches(sorted(rows, key=len)):
+        width = len(batch[-1])
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        yield ids, mask
 
 
 def _batches(rows: list[list[int]]) -> list[list[list[int]]]:

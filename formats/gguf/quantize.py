@@ -61,6 +61,8 @@ class Recipe:
     tensor_types: tuple[tuple[str, str], ...] = ()
     output_type: str | None = None
     embedding_type: str | None = None
+    # token ids of the calibration rows, for quantizers that run the model on them (ONNX int4's GPTQ)
+    calibration: tuple[tuple[int, ...], ...] = ()
 
     @property
     def plain(self) -> bool:
@@ -68,8 +70,13 @@ class Recipe:
 
     def identity(self) -> list:
         """What the quantized bytes depend on beyond the type and the source file (JSON-able, for cache keys)."""
-        return [None if self.imatrix is None else self.imatrix.digest(), [list(t) for t in self.tensor_types],
-                self.output_type, self.embedding_type]
+        out = [None if self.imatrix is None else self.imatrix.digest(), [list(t) for t in self.tensor_types],
+               self.output_type, self.embedding_type]
+        if self.calibration:
+            import hashlib
+
+            out.append(hashlib.sha256(repr(self.calibration).encode()).hexdigest())
+        return out
 
     def describe(self) -> dict:
         return {"imatrix": None if self.imatrix is None else {"tokens": self.imatrix.tokens,

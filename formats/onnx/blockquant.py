@@ -46,12 +46,18 @@ class Blocks:
         return n, nb * blk
 
 
-def _weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    """Per-element error weight: column importance x sqrt(row scale² + x²); |x| + mean|x| without importance."""
+def weigh(x: torch.Tensor, importance: torch.Tensor | None, sigma2: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-element error weight: column importance x sqrt(row scale² + x²); |x| + mean|x| without importance.
+    `sigma2` [R, 1]: the row scale² when x is a slice of the rows (default: 2 mean x² over x's own row)."""
     if importance is None:
         return x.abs() + x.abs().mean(dim=1, keepdim=True)
-    sigma2 = 2.0 * (x * x).mean(dim=1, keepdim=True)
+    if sigma2 is None:
+        sigma2 = row_sigma2(x)
     return importance * torch.sqrt(sigma2 + x * x)
+
+
+def row_sigma2(x: torch.Tensor) -> torch.Tensor:
+    return 2.0 * (x * x).mean(dim=1, keepdim=True)
 
 
 def _fit(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int):
@@ -71,7 +77,7 @@ def _fit(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor
     return torch.where(better, recoded, codes), torch.where(better, refit, scale), torch.minimum(err0, err1)
 
 
-def _search(x: torch.Tensor, w: torch.Tensor, bits: int, symmetric: bool):
+def search_blocks(x: torch.Tensor, w: torch.Tensor, bits: int, symmetric: bool):
     """Best (codes, scale, zero point) per row of x [R, B] over FACTORS."""
     qmax = (1 << bits) - 1
     tiny = torch.finfo(torch.float32).tiny
@@ -124,9 +130,9 @@ def quantize_rows(w: torch.Tensor | np.ndarray, bits: int, block: int, importanc
     rows_per = max(1, _ROWS_PER_CHUNK // nb)
     for r0 in range(0, n, rows_per):
         xs = x[r0:r0 + rows_per]
-        weight = _weights(xs, imp.expand_as(xs) if imp is not None else None)
+        weight = weigh(xs, imp.expand_as(xs) if imp is not None else None)
         xb, wb = xs.reshape(-1, block), weight.reshape(-1, block)
-        c, s, z = _search(xb, wb, bits, symmetric)
+        c, s, z = search_blocks(xb, wb, bits, symmetric)
         sl = slice(r0 * nb, r0 * nb + xb.shape[0])
         codes[sl], scales[sl], zps[sl] = c.to(torch.uint8), s.reshape(-1), z.reshape(-1).to(torch.uint8)
     return Blocks(codes.reshape(n, nb, block), scales.reshape(n, nb), zps.reshape(n, nb), bits)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from formats.fsutil import atomic_dir
 from formats.hf.compat import patch_dir
 from formats.onnx import bundle, layout
 from formats.onnx.genai import write_genai_config
-from formats.onnx.quantize import DESCRIPTIONS, QUANTIZERS, quantize
+from formats.onnx.quantize import QUANTIZERS, quantize, setting
 from lorax_common.hashing import sha256_file
 
 DTYPES = ("float32", "float16")
@@ -63,12 +63,15 @@ class OnnxExport:
 
 def export_onnx(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32", quant: str | None = None,
                 force: bool = False, opset: int | None = None, external_data: bool | None = None,
-                importance: Mapping[str, np.ndarray] | None = None) -> OnnxExport:
+                importance: Mapping[str, np.ndarray] | None = None,
+                calibration: Sequence[Sequence[int]] | None = None) -> OnnxExport:
     """Write the export dir `out_dir` (graphs under out_dir/onnx/) from the HF model in `hf_dir`, atomically.
 
     `out_dir` is the folder clients are pointed at (the pipeline passes DIR/onnx). A graph's weights go
     to <graph>.data when it is past protobuf's 2 GB limit (`external_data=None`) or as asked. `importance`
-    (HF weight name -> mean x² per input column on calibration text) weighs the quantizer's rounding.
+    (HF weight name -> mean x² per input column on calibration text) weighs the quantizer's rounding;
+    `calibration` (token ids of real text) lets int4 run GPTQ (formats/onnx/gptq.py), without it int4 is
+    quantize.UNCALIBRATED's setting. lorax.json records the setting that ran.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = _read_config(hf_dir)
@@ -101,11 +104,12 @@ def export_onnx(hf_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
         if quant:
             bar.set_postfix_str(f"quantizing ({quant})")
             quantize(traced, bundle.graph_path(tmp, quant), quant, hf_dir, external_data=external_data,
-                     importance=importance)
+                     importance=importance, calibration=calibration)
             bar.update()
         bar.set_postfix_str("config + tokenizer")
         write_side_files(hf_dir, tmp, out_dir, variants=[dtype, *([quant] if quant else [])], primary=primary,
-                         opset=opset, graph=kind)
+                         opset=opset, graph=kind,
+                         quantization=setting(quant, bool(calibration)).describe() if quant else None)
         bar.update()
         files = _digests(tmp)
         graph = bundle.graph_path(tmp, primary)
@@ -127,7 +131,7 @@ def _read_config(hf_dir: Path) -> dict:
 
 
 def write_side_files(hf_dir: Path, root: Path, final_dir: Path, variants: list[str], primary: str,
-                     opset: int | None, graph: str = "traced") -> None:
+                     opset: int | None, graph: str = "traced", quantization: dict | None = None) -> None:
     """Config, generation config, tokenizer, chat template, genai_config.json and lorax.json in `root`
     (the temp dir that becomes `final_dir`), readable by transformers 4.x and transformers.js."""
     for name in SIDE_FILES:
@@ -145,7 +149,7 @@ def write_side_files(hf_dir: Path, root: Path, final_dir: Path, variants: list[s
         "kind": "onnx", "dtype": variants[0], "quant": primary if primary != variants[0] else None,
         "primary": primary,
         "variants": {v: bundle.graph_path(root, v).relative_to(root).as_posix() for v in variants},
-        "quantization": DESCRIPTIONS.get(primary),
+        "quantization": quantization,  # the setting that ran (quantize.setting: GPTQ or its fallback)
         "source": source_record(hf_dir, final_dir),
         "opset": opset or _graph_opset(bundle.graph_path(root, variants[0])),
         "graph": graph,  # "gqa": formats/onnx/gqa.py's builder graph; "traced": decoder.py's

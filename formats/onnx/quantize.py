@@ -26,7 +26,7 @@ docs/BENCHMARKS.md, `python scripts/sweep_onnx_quant.py` (SETTINGS below). Why t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,11 +45,22 @@ class WeightQuant:
     symmetric: bool = False
     accuracy_level: int = 4
     keep8: tuple[str, ...] = ()  # roles (ROLE_SUFFIXES) whose MatMuls get 8 bits instead
+    keep8_block: int | None = None  # their block size (None: block_size)
+    head: tuple[int, int] | None = None  # (bits, block_size) of the lm_head, over keep8; None: as its role says
     embedding_bits: int | None = None  # GatherBlockQuantized for the token embedding; None keeps float32
     weighted: bool = True  # "search": weigh by the importance matrix when the export has one
 
     def describe(self) -> dict:
-        return {"op": "MatMulNBits", **asdict(self), "keep8": list(self.keep8)}
+        out = {"op": "MatMulNBits", **asdict(self), "keep8": list(self.keep8)}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items() if v is not None}
+
+    def layout(self, role: str | None) -> tuple[int, int]:
+        """(bits, block_size) of a MatMul weight with this role."""
+        if role == LM_HEAD and self.head is not None:
+            return self.head
+        if self.bits == 4 and role in self.keep8:
+            return 8, self.keep8_block or self.block_size
+        return self.bits, self.block_size
 
 
 LM_HEAD = "lm_head"
@@ -67,20 +78,27 @@ SENSITIVE = (LM_HEAD, "v_proj", "down_proj", "gate_proj", "gate_up_proj")
 SETTINGS: dict[str, WeightQuant] = {
     "int8": WeightQuant(8, "search", symmetric=True, embedding_bits=8),
     "int8-ort-rtn": WeightQuant(8, "rtn", symmetric=True),
-    "int4": WeightQuant(4, "search", block_size=16, keep8=SENSITIVE, embedding_bits=8),
-    "int4-acc0": WeightQuant(4, "search", block_size=16, keep8=SENSITIVE, embedding_bits=8, accuracy_level=0),
-    "int4-unweighted": WeightQuant(4, "search", block_size=16, keep8=SENSITIVE, embedding_bits=8, weighted=False),
-    "int4-sym": WeightQuant(4, "search", block_size=16, symmetric=True, keep8=SENSITIVE, embedding_bits=8),
-    "int4-b32": WeightQuant(4, "search", keep8=SENSITIVE, embedding_bits=8),
-    "int4-b16-all4": WeightQuant(4, "search", block_size=16, keep8=(LM_HEAD,), embedding_bits=8),
-    "int4-b32-all4": WeightQuant(4, "search", keep8=(LM_HEAD,), embedding_bits=8),
+    "int4": WeightQuant(4, "gptq", keep8=(LM_HEAD,), embedding_bits=8),
+    "int4-gptq-sensitive8": WeightQuant(4, "gptq", keep8=SENSITIVE, embedding_bits=8),
+    "int4-gptq-b16": WeightQuant(4, "gptq", block_size=16, keep8=(LM_HEAD,), keep8_block=32, embedding_bits=8),
+    "int4-search": WeightQuant(4, "search", block_size=16, keep8=SENSITIVE, embedding_bits=8),
+    "int4-search-k8b32": WeightQuant(4, "search", block_size=16, keep8=SENSITIVE, keep8_block=32,
+                                     embedding_bits=8),
+    "int4-search-acc0": WeightQuant(4, "search", block_size=16, keep8=SENSITIVE, embedding_bits=8,
+                                    accuracy_level=0),
+    "int4-search-unweighted": WeightQuant(4, "search", block_size=16, keep8=SENSITIVE, embedding_bits=8,
+                                          weighted=False),
+    "int4-search-sym": WeightQuant(4, "search", block_size=16, symmetric=True, keep8=SENSITIVE, embedding_bits=8),
+    "int4-search-b32": WeightQuant(4, "search", keep8=SENSITIVE, embedding_bits=8),
+    "int4-search-b32-all4": WeightQuant(4, "search", keep8=(LM_HEAD,), embedding_bits=8),
     "int4-ort-rtn": WeightQuant(4, "rtn"),
     "int4-ort-hqq": WeightQuant(4, "hqq"),
 }
 QUANTIZERS: dict[str, WeightQuant] = {"int8": SETTINGS["int8"], "int4": SETTINGS["int4"]}
+# What a calibrated method becomes without calibration rows (an HF dir exported alone, training data that
+# moved): the weighted search's layout, which held the gate before GPTQ (docs/BENCHMARKS.md).
+UNCALIBRATED: dict[str, str] = {"int4": "int4-search"}
 
-# What each shipped method writes, recorded in the export's lorax.json.
-DESCRIPTIONS: dict[str, dict] = {name: q.describe() for name, q in QUANTIZERS.items()}
 
 # Protobuf cannot serialize a model past 2 GiB; larger ones keep their weights in a side file.
 _PROTOBUF_LIMIT = 2**31 - 2**24
@@ -181,13 +199,26 @@ def _uses(model, hf_names: Mapping) -> tuple[list[_Use], list[_Use]]:
     return matmuls, gathers
 
 
-def _matmul_nbits(use: _Use, q: WeightQuant, bits: int, importance, prefix: str):
+def _weight_blocks(use: _Use, q: WeightQuant, bits: int, block: int, importance, hessian):
+    """The weight's codes: GPTQ at 4 bits when the setting says so and the input's Hessian is known, else the
+    weighted search (8-bit roles, or no calibration)."""
+    from formats.onnx.blockquant import quantize_rows
+    from formats.onnx.gptq import gptq_rows
+
+    if q.algorithm == "gptq" and bits == 4 and hessian is not None:
+        return gptq_rows(use.weight, hessian, bits, block, q.symmetric)
+    if importance is None and hessian is not None:
+        importance = hessian.diagonal().numpy()  # mean x² per input column: the importance matrix's entry
+    return quantize_rows(use.weight, bits, block, importance, q.symmetric)
+
+
+def _matmul_nbits(use: _Use, q: WeightQuant, blocks, prefix: str):
     from onnx import helper, numpy_helper
 
-    from formats.onnx.blockquant import pack_matmul_nbits, quantize_rows
+    from formats.onnx.blockquant import pack_matmul_nbits
 
     n, k = use.weight.shape
-    blocks = quantize_rows(use.weight, bits, q.block_size, importance, q.symmetric)
+    bits, block = blocks.bits, blocks.codes.shape[-1]
     b, scales, zp = pack_matmul_nbits(blocks)
     inits = [numpy_helper.from_array(b, f"{prefix}.qweight"), numpy_helper.from_array(scales, f"{prefix}.scales")]
     inputs = [use.node.input[0], inits[0].name, inits[1].name]
@@ -195,7 +226,7 @@ def _matmul_nbits(use: _Use, q: WeightQuant, bits: int, importance, prefix: str)
         inits.append(numpy_helper.from_array(zp, f"{prefix}.zero_points"))
         inputs.append(inits[-1].name)
     node = helper.make_node("MatMulNBits", inputs, list(use.node.output), name=f"{use.node.name}_Q{bits}",
-                            domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=q.block_size,
+                            domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
                             accuracy_level=q.accuracy_level)
     return node, inits
 
@@ -230,7 +261,8 @@ def live_nodes(nodes: list, outputs: set[str]) -> list:
         nodes = kept
 
 
-def _search_quantize(model, q: WeightQuant, hf_dir: Path, importance: Mapping[str, np.ndarray] | None) -> None:
+def _search_quantize(model, q: WeightQuant, hf_dir: Path, importance: Mapping[str, np.ndarray] | None,
+                     calibration: Sequence[Sequence[int]] | None) -> None:
     """Rewrite `model` in place: each weight MatMul -> MatMulNBits, the embedding Gather -> GatherBlockQuantized."""
     from onnx import helper
 
@@ -242,17 +274,26 @@ def _search_quantize(model, q: WeightQuant, hf_dir: Path, importance: Mapping[st
     if unnamed:  # every weight must be traced back to its module, or the role table cannot apply
         raise FormatError(f"ONNX quantization: {len(unnamed)} MatMul weight(s) match no tensor of {hf_dir} "
                           f"(first: {unnamed[0]}); the graph was not exported from that model")
+    hessians = {}
+    if q.algorithm == "gptq":
+        if not calibration:
+            raise FormatError("ONNX quantization gptq: no calibration rows (GPTQ needs the model's inputs on "
+                              "real text)")
+        from formats.onnx.gptq import collect_hessians
+
+        hessians = collect_hessians(hf_dir, calibration, {u.hf_name for u in matmuls})
     replace: dict[int, object] = {}
     new_inits = []
     with progress(total=len(matmuls) + len(gathers), desc="onnx quantize", unit="weight", leave=False) as bar:
         for i, use in enumerate(matmuls):
             role = role_of(use.hf_name)
             role = LM_HEAD if role == EMBEDDING else role  # a tied lm_head multiplies by the embedding
-            bits = 8 if (q.bits == 4 and role in q.keep8) else q.bits
+            bits, block = q.layout(role)
             imp = importance.get(use.hf_name) if (importance and q.weighted) else None
-            if use.weight.shape[1] % q.block_size:
+            if use.weight.shape[1] % block:
                 continue  # K not a multiple of the block: left float32
-            node, inits = _matmul_nbits(use, q, bits, imp, f"lorax.q{i}")
+            blocks = _weight_blocks(use, q, bits, block, imp, hessians.get(use.hf_name))
+            node, inits = _matmul_nbits(use, q, blocks, f"lorax.q{i}")
             replace[id(use.node)] = node
             new_inits += inits
             bar.update()
@@ -300,30 +341,43 @@ def _ort_quantize(model, q: WeightQuant):
     return out
 
 
-def setting(method: str | WeightQuant) -> WeightQuant:
-    return method if isinstance(method, WeightQuant) else {**SETTINGS, **QUANTIZERS}[method]
+def setting(method: str | WeightQuant, calibrated: bool = True) -> WeightQuant:
+    """The WeightQuant of a method name; without calibration rows, what UNCALIBRATED says it becomes."""
+    if isinstance(method, WeightQuant):
+        return method
+    if not calibrated and method in UNCALIBRATED:
+        method = UNCALIBRATED[method]
+    return {**SETTINGS, **QUANTIZERS}[method]
 
 
-def wants_importance(method: str | None) -> bool:
+def wants_importance(method: str | None, calibrated: bool = True) -> bool:
     """Whether `--onnx-quant method` weighs its rounding by an importance matrix (4 bits: the search picks
-    scales by it; 8 bits only round)."""
-    return method is not None and setting(method).algorithm == "search" and setting(method).weighted \
-        and setting(method).bits == 4
+    scales by it; 8 bits only round; GPTQ weighs by its own Hessians)."""
+    if method is None:
+        return False
+    q = setting(method, calibrated)
+    return q.algorithm == "search" and q.weighted and q.bits == 4
+
+
+def wants_calibration(method: str | None) -> bool:
+    """Whether `--onnx-quant method` needs calibration rows (GPTQ: each weight's input Hessian)."""
+    return method is not None and setting(method).algorithm == "gptq"
 
 
 def quantize(src: Path, dest: Path, method: str | WeightQuant, hf_dir: Path, external_data: bool | None = None,
-             importance: Mapping[str, np.ndarray] | None = None) -> Path:
+             importance: Mapping[str, np.ndarray] | None = None,
+             calibration: Sequence[Sequence[int]] | None = None) -> Path:
     """Quantize the float32 graph at `src` (exported from the HF model in `hf_dir`) into `dest` with `method`
     (a key of QUANTIZERS or SETTINGS, or a WeightQuant). `importance`: HF weight name -> mean x² per input
     column (formats.gguf.imatrix.hf_importance). Weights go to `dest`.data past protobuf's limit
     (`external_data=None`) or as asked."""
     import onnx
 
-    q = setting(method)
+    q = setting(method, calibrated=bool(calibration))
     big = _external(src) if external_data is None else external_data
     model = onnx.load(str(src))
-    if q.algorithm == "search":
-        _search_quantize(model, q, Path(hf_dir), importance)
+    if q.algorithm in ("search", "gptq"):
+        _search_quantize(model, q, Path(hf_dir), importance, calibration)
     else:
         model = _ort_quantize(model, q)
     if big:
