@@ -9,10 +9,12 @@ and one integer zero point per block of 32 inputs) and the token embedding's Gat
 `GatherBlockQuantized`; attention, norms, the KV cache and the graph's I/O stay float32. Both ops run in
 onnxruntime's CPU provider, which transformers.js (onnxruntime-node), onnxruntime-genai and optimum use.
 
-The weights are chosen by formats/onnx/blockquant.py (a weighted scale search per block, weighted by the
-fine-tune's importance matrix when the export has one). What each setting measured on the demo's QLoRA
-merge (KLD/top-1 vs the trained model, decode tok/s vs float32 on 2 cores, side by side):
-docs/BENCHMARKS.md, `python scripts/sweep_onnx_quant.py` (SETTINGS below). Why the shipped choices:
+int8's weights are chosen by formats/onnx/blockquant.py (a weighted scale search per block). int4 is GPTQ
+(formats/onnx/gptq.py): every decoder linear at 4 bits in blocks of 32, calibrated on the fine-tune's
+training rows, with the lm_head at 8 bits; without calibration rows it is UNCALIBRATED's weighted search
+(blocks of 16, v/down/gate at 8 bits). What each setting measured (KLD/top-1, decode tok/s vs float32 on 2
+cores, side by side): docs/BENCHMARKS.md, `python scripts/sweep_onnx_quant.py` (SETTINGS below). Why the
+shipped choices:
   - int8 dynamic quantization (`quantize_dynamic`, activations scaled per tensor per call) cost KLD 1.19,
     top-1 47% (LLM activation outliers ruin one shared scale), so both types are weight-only;
   - accuracy_level 4 lets onnxruntime's CPU kernel multiply in int8 (activations quantized per block at
@@ -20,7 +22,12 @@ docs/BENCHMARKS.md, `python scripts/sweep_onnx_quant.py` (SETTINGS below). Why t
   - integer zero points, because float ones (onnxruntime's HQQ) cannot take that int8 kernel: HQQ decoded
     at 0.13x float32;
   - onnxruntime's own round-to-nearest (min/max per block) is fast but lost KLD 0.7 on SmolLM2: the search
-    keeps the speed and most of the quality.
+    keeps the speed and most of the quality;
+  - 4-bit everywhere in blocks of 32 is what makes int4 fast (onnxruntime 1.32's 4-bit kernel in blocks of
+    16, and its 8-bit one, are no faster than each other at SmolLM2's shapes), and GPTQ is what lets it pass
+    the gate there: on the demo, against the trained model, KLD 0.049 / top-1 91.3% at 2.46x float32's
+    decode (make bench), where the search in that layout lost 0.45 and the search's layout ran 1.8x. The lm_head
+    stays 8-bit: at 4 bits even GPTQ lost 0.13 KLD.
 """
 
 from __future__ import annotations
