@@ -47,13 +47,14 @@ class WeightQuant:
     """One weight-only setting."""
 
     bits: int
-    algorithm: str  # "search" (lorax's weighted search), "rtn" / "hqq" (onnxruntime's quantizers, for the sweep)
+    # "gptq" (formats/onnx/gptq.py, 4-bit roles; needs calibration rows), "search" (lorax's weighted search),
+    # "rtn" / "hqq" (onnxruntime's quantizers, for the sweep)
+    algorithm: str
     block_size: int = 32
     symmetric: bool = False
     accuracy_level: int = 4
     keep8: tuple[str, ...] = ()  # roles (ROLE_SUFFIXES) whose MatMuls get 8 bits instead
     keep8_block: int | None = None  # their block size (None: block_size)
-    head: tuple[int, int] | None = None  # (bits, block_size) of the lm_head, over keep8; None: as its role says
     embedding_bits: int | None = None  # GatherBlockQuantized for the token embedding; None keeps float32
     weighted: bool = True  # "search": weigh by the importance matrix when the export has one
 
@@ -63,8 +64,6 @@ class WeightQuant:
 
     def layout(self, role: str | None) -> tuple[int, int]:
         """(bits, block_size) of a MatMul weight with this role."""
-        if role == LM_HEAD and self.head is not None:
-            return self.head
         if self.bits == 4 and role in self.keep8:
             return 8, self.keep8_block or self.block_size
         return self.bits, self.block_size
