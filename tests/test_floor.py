@@ -103,7 +103,7 @@ def test_honest_onnx_int4_passes_with_control_and_floor(adapter, tmp_path, monke
     assert t["control"]["metrics"]["kld_mean"] == pytest.approx(by["float32"]["metrics"]["kld_mean"])
 
 
-def test_onnx_int4_calibrates_gptq_on_the_rows_and_its_floor_too(adapter, tmp_path, monkeypatch):
+def test_onnx_int4_calibrates_gptq_on_the_rows_and_its_floor_too(adapter, tmp_path, monkeypatch, capsys):
     """--calibration gives int4 GPTQ's rows: shipped as dist/calibration.json (token ids), named in lorax.json,
     and the floor's int4 file of the base as trained is quantized from the same rows (its builder gets the
     recipe; a standalone check reads it back from lorax.json). Without rows int4 is the weighted search, as
@@ -112,8 +112,8 @@ def test_onnx_int4_calibrates_gptq_on_the_rows_and_its_floor_too(adapter, tmp_pa
     from onnx import numpy_helper
     from tiny_data import chat_records, write_jsonl
 
+    from exporter.export.calibration import read_calibration
     from exporter.export.gguf_build import recipes_from_record
-    from exporter.export.onnx_build import read_calibration
 
     seen: list = []
     real = registry.BUILDERS["onnx"]
@@ -151,6 +151,11 @@ def test_onnx_int4_calibrates_gptq_on_the_rows_and_its_floor_too(adapter, tmp_pa
                "--floor", "always", "--threshold", "top1=0.4"])
     floors = [r for stem, dtype, r in seen if stem == "floor" and dtype == "int4"]
     assert rc == 0 and floors and floors[0] is not None and floors[0].calibration == rows, seen
+    # a damaged calibration file is bad input: one line naming it and the fix, exit 2, nothing measured
+    (tmp_path / "w" / "calibration.json").write_text('{"rows": [[1, 2], "x"]')
+    rc = main(["check", str(adapter), str(tmp_path / "w" / "onnx"), "--gen-tokens", "4", "--max-samples", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "calibration.json: not a lorax calibration file" in err[-1] and "re-run lorax export" in err[-1]
 
 
 def _swap_gate_up(spec):

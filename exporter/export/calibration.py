@@ -8,15 +8,23 @@ for eval (the same `split_eval(fraction, seed)` split, so the gate's held-out da
 quantizer), each encoded by `train.data.encode` with the recorded `max_seq_len`: chat template, BOS/EOS,
 truncation exactly as the model saw them. `--calibration FILE` takes any JSONL in the training forms (or a
 datasets dir); without either (an HF model dir, or data that moved), there is no matrix and the export says so.
+ONNX int4's GPTQ calibrates on the same rows; their token ids ship as dist/calibration.json (CALIBRATION_FILE)
+so the floor and a later `lorax check` quantize from exactly those rows.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import LoraxError
+
+log = logging.getLogger(__name__)
+
+# ONNX int4's GPTQ rows as token ids, shipped beside the artifacts and named in lorax.json's onnx_recipes
+CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass
@@ -66,3 +74,30 @@ def calibration_sequences(source: Path, tokenizer, calibration: str | Path | Non
     if not seqs:
         raise LoraxError(f"{path}: no calibration row renders to 2 or more tokens")
     return Calibration(seqs, str(path), len(seqs))
+
+
+def calibration_rows(source: Path, merged: Path, opts) -> tuple[tuple[int, ...], ...]:
+    """The calibration rows' token ids within the export's token budget; () when the source has none."""
+    from transformers import AutoTokenizer
+
+    from formats.gguf.imatrix import budget_rows
+
+    try:
+        cal = calibration_sequences(source, AutoTokenizer.from_pretrained(merged), opts.calibration)
+    except LoraxError as e:
+        log.warning("%s; int4 falls back to the weighted search (no GPTQ)", e)
+        return ()
+    return tuple(tuple(r) for r in budget_rows(cal.sequences, opts.imatrix_tokens))
+
+
+def write_calibration(rows: tuple[tuple[int, ...], ...], path: Path) -> None:
+    path.write_text(json.dumps({"kind": "calibration", "format": "token ids", "rows": [list(r) for r in rows]})
+                    + "\n")
+
+
+def read_calibration(path: Path) -> tuple[tuple[int, ...], ...]:
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LoraxError(f"{path}: not a lorax calibration file ({e}); re-run lorax export") from None
+    return tuple(tuple(int(t) for t in r) for r in rows)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from exporter.errors import LoraxError
+from exporter.export.calibration import CALIBRATION_FILE, read_calibration
 from exporter.gate.registry import recipe_key
 from formats.gguf.imatrix import Imatrix, collect_imatrix, read_imatrix, write_imatrix
 from formats.gguf.quantize import LIBLLAMA_TYPES, NEEDS_IMATRIX, Recipe
@@ -27,7 +28,6 @@ from formats.gguf.quantize import LIBLLAMA_TYPES, NEEDS_IMATRIX, Recipe
 log = logging.getLogger(__name__)
 
 IMATRIX_FILE = "imatrix.gguf"
-CALIBRATION_FILE = "calibration.json"  # ONNX int4's GPTQ rows (exporter.export.onnx_build writes it)
 
 
 @dataclass
@@ -113,8 +113,6 @@ def recipes_from_record(record: dict, out_dir: Path) -> dict[str, Recipe]:
                                 output_type=r.get("output_type"), embedding_type=r.get("embedding_type"))
     for qtype, r in (record.get("onnx_recipes") or {}).items():  # the ONNX int4 quantizer's rows or weighting
         if r and r.get("calibration"):
-            from exporter.export.onnx_build import read_calibration
-
             out[recipe_key("onnx", qtype)] = Recipe(calibration=read_calibration(out_dir / r["calibration"]))
         elif r and r.get("imatrix"):
             imx = imx or read_imatrix(out_dir / r["imatrix"])

@@ -12,43 +12,12 @@ when there is one; lorax.json's `quantization` says which ran.
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
-from exporter.errors import LoraxError
-from exporter.export.gguf_build import CALIBRATION_FILE, IMATRIX_FILE, importance_matrix, recipe_record
-from formats.gguf.imatrix import Imatrix, budget_rows, write_imatrix
+from exporter.export.calibration import CALIBRATION_FILE, calibration_rows, write_calibration
+from exporter.export.gguf_build import IMATRIX_FILE, importance_matrix, recipe_record
+from formats.gguf.imatrix import Imatrix, write_imatrix
 from formats.gguf.quantize import Recipe
-
-log = logging.getLogger(__name__)
-
-
-def calibration_rows(source: Path, merged: Path, opts) -> tuple[tuple[int, ...], ...]:
-    """The calibration rows' token ids within the export's token budget; () when the source has none."""
-    from transformers import AutoTokenizer
-
-    from exporter.export.calibration import calibration_sequences
-
-    try:
-        cal = calibration_sequences(source, AutoTokenizer.from_pretrained(merged), opts.calibration)
-    except LoraxError as e:
-        log.warning("%s; int4 falls back to the weighted search (no GPTQ)", e)
-        return ()
-    return tuple(tuple(r) for r in budget_rows(cal.sequences, opts.imatrix_tokens))
-
-
-def write_calibration(rows: tuple[tuple[int, ...], ...], path: Path) -> None:
-    path.write_text(json.dumps({"kind": "calibration", "format": "token ids", "rows": [list(r) for r in rows]})
-                    + "\n")
-
-
-def read_calibration(path: Path) -> tuple[tuple[int, ...], ...]:
-    try:
-        rows = json.loads(path.read_text())["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LoraxError(f"{path}: not a lorax calibration file ({e}); re-run lorax export") from None
-    return tuple(tuple(int(t) for t in r) for r in rows)
 
 
 def onnx_recipe(source: Path, merged: Path, tmp: Path, imx: Imatrix | None, opts, clock) -> Recipe | None:

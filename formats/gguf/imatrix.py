@@ -24,7 +24,7 @@ from the file, so quantizing from memory and from the written file gives the sam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,17 +116,14 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
     tied = hparams(cfg).tied
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    keep: list[torch.Tensor | None] = [None]  # the current batch's real (unpadded) rows, flattened
 
-    def add(name: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        if keep[0] is not None:
-            x = x[keep[0]]
+    def add(name: str, x: torch.Tensor, real: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])[real]
         sq = (x.to(torch.float64) ** 2).sum(0)
         sums[name] = sums[name] + sq if name in sums else sq
         counts[name] = counts.get(name, 0) + x.shape[0]
 
-    hooks, out_name = [], None
+    inputs, out_name = {}, None
     for mod_name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear):
             continue
@@ -136,26 +133,39 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
         if mod is head:
             out_name = None if tied else mapped[0]
         else:
-            hooks.append(mod.register_forward_pre_hook(lambda _m, args, n=mapped[0]: add(n, args[0])))
+            inputs[mapped[0]] = mod
     rows = budget_rows(sequences, token_budget)
-    seen = sum(map(len, rows))
-    decoder = model.get_decoder()  # the blocks and the final norm, without the output projection
-    try:
-        with torch.inference_mode(), bar_of(total=seen, desc="imatrix", unit="tok", enabled=progress,
-                                          leave=False) as bar:
-            for ids, mask in padded_batches(rows):
-                keep[0] = mask.reshape(-1).bool()
-                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                if out_name is not None:
-                    add(out_name, hidden)
-                bar.update(int(mask.sum()))
-    finally:
-        for h in hooks:
-            h.remove()
+    with bar_of(total=sum(map(len, rows)), desc="imatrix", unit="tok", enabled=progress, leave=False) as bar:
+        calibration_forward(model, rows, inputs, add, out_name, bar)
     if not sums:
         raise FormatError("no calibration tokens went through the model; the importance matrix is empty")
     return Imatrix({k: v.to(torch.float32).numpy() for k, v in sums.items()}, counts, list(datasets),
                    len(rows), max(map(len, rows)))
+
+
+def calibration_forward(model, rows: list[list[int]], inputs: Mapping[str, object], add: Callable,
+                        head: str | None, bar) -> None:
+    """Run `rows` through the model's decoder (blocks and final norm; the output projection never runs) in
+    padded_batches, calling add(name, x, real) with the input x of each module in `inputs` (name -> module)
+    and the batch's real-token mask, flattened (x.reshape(-1, K)[real] drops the pads). `head`: the name
+    under which the decoder's last hidden state, the output projection's input, is added; None skips it."""
+    import torch
+
+    real: list = [None]
+    hooks = [mod.register_forward_pre_hook(lambda _m, args, n=name: add(n, args[0], real[0]))
+             for name, mod in inputs.items()]
+    decoder = model.get_decoder()
+    try:
+        with torch.inference_mode():
+            for ids, mask in padded_batches(rows):
+                real[0] = mask.reshape(-1).bool()
+                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                if head is not None:
+                    add(head, hidden, real[0])
+                bar.update(int(mask.sum()))
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def budget_rows(sequences: Sequence[Sequence[int]], token_budget: int) -> list[list[int]]:

@@ -99,7 +99,7 @@ def collect_hessians(hf_dir: str | Path, sequences: Sequence[Sequence[int]], nam
     several passes over the calibration rows."""
     import psutil
 
-    from formats.gguf.imatrix import budget_rows, compute_dtype, padded_batches
+    from formats.gguf.imatrix import budget_rows, compute_dtype
     from lorax_common.log import progress as bar_of
 
     if model is None:
@@ -123,7 +123,7 @@ def collect_hessians(hf_dir: str | Path, sequences: Sequence[Sequence[int]], nam
     with bar_of(total=len(passes) * sum(map(len, rows)), desc="gptq hessians", unit="tok", enabled=progress,
                 leave=False) as bar:
         for group in passes:
-            out.update(_one_pass(model, dict(group), head, rows, padded_batches, bar))
+            out.update(_one_pass(model, dict(group), head, rows, bar))
     return out
 
 
@@ -142,36 +142,24 @@ def _passes(linears: list, budget: float) -> list[list]:
     return out
 
 
-def _one_pass(model, linears: dict, head, rows, padded_batches, bar) -> dict[str, torch.Tensor]:
+def _one_pass(model, linears: dict, head, rows, bar) -> dict[str, torch.Tensor]:
+    from formats.gguf.imatrix import calibration_forward
+
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     alias: dict[str, str] = {}  # a linear reading the same tensor as the one before it -> that one's name
     last: list = [None, None]  # the last input seen and who read it (q/k/v and gate/up run back to back)
-    keep: list = [None]
 
-    def add(name: str, x: torch.Tensor) -> None:
+    def add(name: str, x: torch.Tensor, real: torch.Tensor) -> None:
         if x is last[0] and last[1] != name:
             alias[name] = last[1]
             return
         last[:] = [x, name]
-        x = x.detach().reshape(-1, x.shape[-1])[keep[0]].to(torch.float32)
+        x = x.detach().reshape(-1, x.shape[-1])[real].to(torch.float32)
         sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
         counts[name] = counts.get(name, 0) + x.shape[0]
 
-    hooks = [mod.register_forward_pre_hook(lambda _m, args, n=name: add(n, args[0]))
-             for name, mod in linears.items() if mod is not head]
     head_name = next((name for name, mod in linears.items() if mod is head), None)
-    decoder = model.get_decoder()  # the head itself never runs: its input is the last hidden state
-    try:
-        with torch.inference_mode():
-            for ids, mask in padded_batches(rows):
-                keep[0] = mask.reshape(-1).bool()
-                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                if head_name is not None:
-                    add(head_name, hidden)
-                bar.update(int(mask.sum()))
-    finally:
-        for h in hooks:
-            h.remove()
+    calibration_forward(model, rows, {n: m for n, m in linears.items() if m is not head}, add, head_name, bar)
     means = {name: s / counts[name] for name, s in sums.items()}
     return {name: means[alias.get(name, name)] for name in linears if alias.get(name, name) in means}
