@@ -29,6 +29,8 @@ def peak_rss_mib() -> float:
 class Stopwatch:
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds, in the order stages began
     started: float = field(default_factory=time.perf_counter)
+    # stage -> the process's high-water mark when it ended (MiB): the first stage that shows the peak set it
+    rss_after: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
@@ -37,14 +39,17 @@ class Stopwatch:
             yield
         finally:
             self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - t0, 2)
+            self.rss_after[stage] = round(peak_rss_mib())
 
-    def add(self, stages: dict[str, float]) -> None:
+    def add(self, stages: dict[str, float], rss_after: dict[str, float] | None = None) -> None:
+        """Stages another Stopwatch of this process timed (with their high-water marks, when given)."""
         for k, v in stages.items():
             self.seconds[k] = round(self.seconds.get(k, 0.0) + v, 2)
+        self.rss_after.update(rss_after or {})
 
     def as_dict(self) -> dict:
         return {"stages": dict(self.seconds), "total": round(time.perf_counter() - self.started, 2),
-                "peak_rss_mib": round(peak_rss_mib())}
+                "peak_rss_mib": round(peak_rss_mib()), "peak_rss_after_mib": dict(self.rss_after)}
 
     def summary(self) -> str:
         return summary_line(self.as_dict())

@@ -146,7 +146,7 @@ def check(source: str | Path, artifacts: list, opts: GateOptions | None = None) 
     finally:
         probe.close()
     if opts.clock is not None:  # one timeline: the export's build stages, then the gate's
-        opts.clock.add(report.timing["stages"])
+        opts.clock.add(report.timing["stages"], report.timing.get("peak_rss_after_mib"))
         report.timing = opts.clock.as_dict()
     if opts.report_dir is not None:
         write_report(report, opts.report_dir)

@@ -9,6 +9,7 @@ ids fails on that alone, because in use it would see different tokens. Metrics: 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ from exporter.gate.samples import Sample
 from exporter.gate.targets import Target
 from exporter.gate.thresholds import MIN_TAIL_POSITIONS, TAIL_METRICS, limits_for, violations
 from lorax_common.log import progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +76,8 @@ class RefOutputs:
     # the reference store's key of these outputs (exporter.gate.reference_store), None when not keyed: what
     # the gate measures from them alone (control, floor) is remembered under it
     key: str | None = None
+    # how the generations were found when checked against candidates (verified_generations), else None
+    generation: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,8 @@ class Yardstick:
     tokenizer: Any
     gen_tokens: int = 16
 
-    def outputs(self, runner, desc: str) -> RefOutputs:
-        return run_outputs(runner, self.samples, self.tokenizer, self.gen_tokens, desc)
+    def outputs(self, runner, desc: str, candidates: list[list[int]] | None = None) -> RefOutputs:
+        return run_outputs(runner, self.samples, self.tokenizer, self.gen_tokens, desc, candidates)
 
     def accuracy(self, gens: list[list[int]]) -> float | None:
         return task_accuracy(gens, self.samples, self.tokenizer)
@@ -111,27 +116,80 @@ def batched_logits(runner, seqs: list[list[int]], vocab: int, bar=None) -> list:
     return logits
 
 
-def run_outputs(runner, samples: list[Sample], tokenizer, gen_tokens: int, desc: str) -> RefOutputs:
+def run_outputs(runner, samples: list[Sample], tokenizer, gen_tokens: int, desc: str,
+                candidates: list[list[int]] | None = None) -> RefOutputs:
     """Teacher-forced logits and greedy generations of every sample, in batches the runner computes together
-    (formats.runner.plan_batches: similar lengths grouped, padded logits within a share of free memory)."""
-    from formats.runner import batch_budget, plan_batches
-
+    (formats.runner.plan_batches: similar lengths grouped, padded logits within a share of free memory).
+    `candidates` (another model's greedy tokens per sample) are checked instead of generated token by token:
+    verified_generations."""
     budgets = [gen_budget(s, tokenizer, gen_tokens) for s in samples]
     vocab = max(len(tokenizer), 1)
-    gens: list = [None] * len(samples)
     with progress(total=2 * len(samples), desc=desc, leave=False, unit="row") as bar:
         logits = batched_logits(runner, [s.ids for s in samples], vocab, bar)
-        width = max(budgets)
-        for group in plan_batches([len(s.prompt_ids) + width for s in samples], vocab, batch_budget()):
-            n = max(budgets[i] for i in group)
-            for i, g in zip(group, runner.generate_batch([samples[i].prompt_ids for i in group], n), strict=True):
-                gens[i] = g[:budgets[i]]
+        prompts = [s.prompt_ids for s in samples]
+        if candidates is None:
+            return RefOutputs(logits, batched_generations(runner, prompts, budgets, vocab, bar))
+        gens, how = verified_generations(runner, prompts, budgets, candidates, vocab, bar)
+    return RefOutputs(logits, gens, generation=how)
+
+
+def batched_generations(runner, prompts: list[list[int]], budgets: list[int], vocab: int, bar=None) -> list:
+    """Greedy `budgets[i]` tokens after each prompt, rows of similar length decoded together."""
+    from formats.runner import batch_budget, plan_batches
+
+    gens: list = [None] * len(prompts)
+    width = max(budgets, default=0)
+    for group in plan_batches([len(p) + width for p in prompts], vocab, batch_budget()):
+        n = max(budgets[i] for i in group)
+        for i, g in zip(group, runner.generate_batch([prompts[i] for i in group], n), strict=True):
+            gens[i] = g[:budgets[i]]
+        if bar is not None:
             bar.update(len(group))
-    return RefOutputs(logits, gens)
+    return gens
 
 
-def run_reference(ref, yard: Yardstick) -> RefOutputs:
-    return yard.outputs(ref, f"reference {ref.name}")
+def verified_generations(runner, prompts: list[list[int]], budgets: list[int], candidates: list[list[int]],
+                         vocab: int, bar=None) -> tuple[list[list[int]], dict]:
+    """The runner's greedy tokens, found by checking `candidates` instead of decoding step by step.
+
+    Greedy decoding picks argmax(logits) after each prefix, so one teacher-forced forward over prompt +
+    candidate gives the runner's own choice at every position: where all agree (and the candidate ends where
+    greedy would: a stop token or the budget), the candidate *is* the runner's greedy answer. At the first
+    disagreement the runner's own token is taken and decoding continues from that prefix (batched), so the
+    result never depends on where the candidates came from, only the time does. Returns the generations and
+    {"rows", "verified", "continued"}."""
+    stop = getattr(runner, "stop", set())
+    cands = [list(c)[:b] for c, b in zip(candidates, budgets, strict=True)]
+    logits = batched_logits(runner, [p + c for p, c in zip(prompts, cands, strict=True)], vocab)
+    gens: list[list[int]] = []
+    todo: list[int] = []
+    for i, (p, c) in enumerate(zip(prompts, cands, strict=True)):
+        choice = logits[i][len(p) - 1:].argmax(-1).tolist()  # the runner's token after each prefix
+        j = next((k for k, (a, b) in enumerate(zip(choice, c, strict=False)) if a != b), len(c))
+        gen = c[:j]
+        if j < len(c) or (len(c) < budgets[i] and (not c or c[-1] not in stop)):
+            gen = gen + [choice[j]]  # the first token the candidate got wrong (or left out)
+        gens.append(gen)
+        if len(gen) < budgets[i] and gen[-1] not in stop:
+            todo.append(i)
+    if bar is not None:
+        bar.update(len(prompts) - len(todo))
+    if todo:
+        rest = batched_generations(runner, [prompts[i] + gens[i] for i in todo],
+                                   [budgets[i] - len(gens[i]) for i in todo], vocab, bar)
+        for i, r in zip(todo, rest, strict=True):
+            gens[i] = gens[i] + r
+    return gens, {"rows": len(prompts), "verified": len(prompts) - len(todo), "continued": len(todo)}
+
+
+def run_reference(ref, yard: Yardstick, candidates: list[list[int]] | None = None) -> RefOutputs:
+    return yard.outputs(ref, f"reference {ref.name}", candidates)
+
+
+def proxy_target(targets: list[Target]) -> Target | None:
+    """The target whose greedy tokens the reference checks instead of decoding its own (run first, its outputs
+    kept for its own row): a lossless HF file where there is one (it agrees everywhere), else the first."""
+    return next((t for t in targets if t.format == "hf"), targets[0] if targets else None)
 
 
 def answer_correct(gen: list[int], answer: str, tokenizer) -> bool:
@@ -171,11 +229,12 @@ def _result(target: Target, metrics_: dict, limits: dict, failures: list[str], *
 
 
 def evaluate_target(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: float | None,
-                    overrides: dict | None = None, floor=None) -> TargetResult:
+                    overrides: dict | None = None, floor=None, outputs=None) -> TargetResult:
     """One target's row. Anything that stops it from being measured (it does not load, it crashes in its
-    runtime) is a failed row carrying the error, so the other targets are still measured and reported."""
+    runtime) is a failed row carrying the error, so the other targets are still measured and reported.
+    `outputs`: run_target's result when the target already ran (the reference's proxy)."""
     try:
-        row = _evaluate(target, yard, ref, ref_accuracy, overrides, floor)
+        row = _evaluate(target, yard, ref, ref_accuracy, overrides, floor, outputs)
     except Exception as e:  # noqa: BLE001 - an artifact that cannot run is a failed artifact, not a crash
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         row = _result(target, {}, limits_for(target.format, target.dtype, overrides),
@@ -184,11 +243,11 @@ def evaluate_target(target: Target, yard: Yardstick, ref: RefOutputs, ref_accura
 
 
 def _evaluate(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: float | None,
-              overrides: dict | None, floor) -> TargetResult:
+              overrides: dict | None, floor, outputs=None) -> TargetResult:
     from exporter.gate.floor import applies, relax, shipped_control
 
     samples, gen_tokens = yard.samples, yard.gen_tokens
-    mismatch, logits, gens = run_target(target, yard)
+    mismatch, logits, gens = outputs or run_target(target, yard)
     failures: list[str] = [mismatch] if mismatch else []
     fixed = list(failures)  # no floor excuses these
     if logits[0].shape[-1] != ref.logits[0].shape[-1]:
@@ -232,13 +291,22 @@ def run_gate(ref, targets: list[Target], yard: Yardstick, prompts_source: str, o
     from lorax_common.versions import package_versions
 
     clock = Stopwatch()
+    early: dict[str, tuple] = {}  # the proxy's outputs, run before the reference and kept for its row
+    proxy = proxy_target(targets)
+    if proxy is not None:
+        with clock(proxy.name):
+            try:
+                early[proxy.name] = run_target(proxy, yard)
+            except Exception:  # noqa: BLE001 - measured again in turn below, where its failure is reported
+                log.info("proxy %s did not run; the reference decodes its own tokens", proxy.name)
     with clock("reference"):
-        ref_out, path = reference_outputs(ref, yard, reuse)
+        cands = early[proxy.name][2] if proxy is not None and proxy.name in early else None
+        ref_out, path = reference_outputs(ref, yard, reuse, candidates=cands, proxy=proxy.name if cands else None)
     ref_acc = yard.accuracy(ref_out.generations)
     results = []
     for t in progress(targets, desc="gate", unit="target"):
         with clock(t.name):
-            results.append(evaluate_target(t, yard, ref_out, ref_acc, overrides, floor))
+            results.append(evaluate_target(t, yard, ref_out, ref_acc, overrides, floor, early.pop(t.name, None)))
     return Report(
         passed=all(r.passed for r in results if r.gated),
         reference=ref.name,

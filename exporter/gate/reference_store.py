@@ -216,10 +216,13 @@ class ReferenceSource:
     open: Callable[[], Any]  # -> a formats.runner.Runner
 
 
-def reference_outputs(ref: ReferenceSource, yard, reuse: bool = True):
+def reference_outputs(ref: ReferenceSource, yard, reuse: bool = True, candidates: list[list[int]] | None = None,
+                      proxy: str | None = None):
     """(RefOutputs, reference_path dict): stored outputs when an entry matches, else computed (then stored).
     A fresh computation loads the reference, dequantizes its 4-bit layers once where proven bit-identical
-    (exporter.gate.fast_reference), runs every sample and closes it before any target is opened."""
+    (exporter.gate.fast_reference), runs every sample and closes it before the next target is opened.
+    `candidates`: the greedy tokens of target `proxy`, which the reference checks in one forward instead of
+    decoding its own (evaluate.verified_generations: the result is the reference's own greedy answer)."""
     from exporter.gate.evaluate import RefOutputs, run_reference
     from exporter.gate.fast_reference import dequantize_once
 
@@ -234,9 +237,11 @@ def reference_outputs(ref: ReferenceSource, yard, reuse: bool = True):
     runner = ref.open()
     try:
         path = dequantize_once(runner, yard.samples[0].ids)
-        out = run_reference(runner, yard)
+        out = run_reference(runner, yard, candidates)
     finally:
         runner.close()  # only its outputs are needed from here on: peak memory is one model at a time
+    if out.generation is not None:
+        path = {**path, "generation": {"checked": proxy, **out.generation}}
     if key is None:
         return out, {**path, "outputs": {"reused": False, "stored": None}}
     saved = save(key, out.logits, out.generations, path, time.perf_counter() - t0)

@@ -79,6 +79,11 @@ def to_markdown(report: Report) -> str:
                   f"bitsandbytes' own path bit for bit (max |Δlogit| {path['max_abs_logit_delta']:g})."]
     elif path.get("reason"):
         lines += ["", f"Reference path: bitsandbytes' 4-bit layers ({path['reason']})."]
+    gen = path.get("generation")
+    if gen:
+        lines += ["", f"Reference greedy tokens: {gen['checked']}'s checked in one teacher-forced forward of the "
+                  f"reference (its own argmax at every position): {gen['verified']}/{gen['rows']} rows equal; "
+                  f"{gen['continued']} decoded on by the reference from the first token that differed."]
     outputs = path.get("outputs") or {}
     if outputs.get("reused"):
         lines += ["", f"Reference outputs: reused, stored {outputs['created']} ({outputs['stored']}); "

@@ -1,0 +1,69 @@
+"""The reference's greedy tokens found by checking another model's (exporter.gate.evaluate.verified_generations):
+whatever the candidates are (its own tokens, junk, its own with one token changed mid-way), the result equals
+the reference decoding on its own; the gate's report says which target it checked and how many rows held."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from exporter.gate.evaluate import batched_generations, verified_generations
+
+PROMPTS = [[5, 17, 9, 30], [2, 40, 11, 7, 7, 3], [8], [44, 45, 46, 47, 48, 49, 50, 51]]
+BUDGETS = [12, 7, 16, 9]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir):
+    from formats.hf.runner import HFRunner
+
+    return HFRunner(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def own(runner) -> list[list[int]]:
+    return batched_generations(runner, PROMPTS, BUDGETS, vocab=512)
+
+
+def _changed(gens: list[list[int]], at: int) -> list[list[int]]:
+    return [g[:at] + [(g[at] + 1) % 500] + g[at + 1:] if len(g) > at else g for g in gens]
+
+
+@pytest.mark.parametrize("case", ["own", "junk", "one changed", "cut short", "empty"])
+def test_any_candidates_give_the_reference_s_own_greedy_tokens(runner, own, case):
+    rng = np.random.default_rng(0)
+    candidates = {"own": own,
+                  "junk": [list(map(int, rng.integers(3, 500, size=b))) for b in BUDGETS],
+                  "one changed": _changed(own, 3),
+                  "cut short": [g[:2] for g in own],
+                  "empty": [[] for _ in own]}[case]
+    gens, how = verified_generations(runner, PROMPTS, BUDGETS, candidates, vocab=512)
+    assert gens == own
+    assert how["rows"] == len(PROMPTS) and how["verified"] + how["continued"] == len(PROMPTS)
+    if case == "own":
+        assert how["continued"] == 0  # nothing decoded token by token
+    if case in ("junk", "one changed", "cut short", "empty"):
+        assert how["continued"] > 0
+
+
+def test_the_gate_checks_a_target_s_tokens_and_says_so(nf4_adapter, tmp_path, monkeypatch):
+    """The whole gate with the proxy vs the reference decoding alone: same verdicts, metrics within 1e-6,
+    the same reference generations; report.json names the target whose tokens were checked."""
+    from exporter.gate import evaluate
+    from exporter.gate.check import GateOptions, check
+    from exporter.merge.api import merge_adapter
+
+    monkeypatch.setenv("LORAX_REFERENCE_CACHE", "off")
+    merged = tmp_path / "merged"
+    merge_adapter(nf4_adapter, merged)
+    proxied = check(nf4_adapter, [merged], GateOptions(floor="off"))
+    gen = proxied.reference_path["generation"]
+    assert gen["checked"] == proxied.targets[0].name and gen["verified"] + gen["continued"] == proxied.samples
+    assert gen["verified"] > 0
+    monkeypatch.setattr(evaluate, "proxy_target", lambda targets: None)
+    alone = check(nf4_adapter, [merged], GateOptions(floor="off"))
+    assert "generation" not in alone.reference_path
+    (a,), (b,) = proxied.targets, alone.targets
+    assert a.passed == b.passed and proxied.reference_task_accuracy == alone.reference_task_accuracy
+    for k in ("kld_mean", "kld_p99", "top1", "ppl_ratio", "greedy_match"):
+        assert abs(a.metrics[k] - b.metrics[k]) <= 1e-6, (k, a.metrics[k], b.metrics[k])
