@@ -128,6 +128,24 @@ def test_dequantize_once_is_bit_identical_to_bitsandbytes(nf4_adapter):
     assert [ref.generate(s.prompt_ids, 12) for s in samples] == gens
 
 
+def test_dequantize_once_holds_for_a_base_loaded_in_bfloat16(tiny_model_dir, tmp_path):
+    """Training loaded in bf16, computing in float32 (the 1.18B bench's setup): bitsandbytes' matmul
+    dequantizes the codes straight into float32. functional.dequantize_4bit returns the base's bf16, which
+    the probe rejected (1.18B: max |dlogit| 0.15) and left the reference on the slow path."""
+    from adapters import LoraSpec, make_adapter
+
+    from exporter.gate.fast_reference import dequantize_once
+
+    ad = tmp_path / "adapter"
+    make_adapter(tiny_model_dir, ad, trained_on="nf4", double_quant=True, spec=LoraSpec(load_dtype="bfloat16"))
+    ref, samples = _nf4_reference(ad)
+    before = [ref.logits(s.ids) for s in samples]
+    path = dequantize_once(ref, samples[0].ids)
+    assert path["path"] == "dequantized once", path
+    for s, b in zip(samples, before, strict=True):
+        assert np.array_equal(ref.logits(s.ids), b)
+
+
 def test_dequantize_once_restores_bitsandbytes_when_the_logits_differ(nf4_adapter, monkeypatch):
     """A dequantization that is off by one ulp-scale nudge is caught by the probe and undone."""
     import exporter.gate.fast_reference as fr
