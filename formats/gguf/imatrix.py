@@ -117,11 +117,18 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
+    # q/k/v (and gate/up) get the very same input tensor: square and sum it once for all of them
+    last: dict = {"x": None}
+
     def add(name: str, x: torch.Tensor, real: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])[real]
-        sq = (x.to(torch.float64) ** 2).sum(0)
-        sums[name] = sums[name] + sq if name in sums else sq
-        counts[name] = counts.get(name, 0) + x.shape[0]
+        if x is not last["x"]:
+            flat = x.detach().reshape(-1, x.shape[-1])
+            # squares exact either way: a 16-bit float's square fits float32's mantissa, float32's needs float64
+            wide = torch.float32 if flat.dtype in (torch.bfloat16, torch.float16) else torch.float64
+            flat = (flat if bool(real.all()) else flat[real]).to(wide)
+            last.update(x=x, sq=torch.sum(flat * flat, 0, dtype=torch.float64), n=flat.shape[0])
+        sums[name] = sums[name] + last["sq"] if name in sums else last["sq"]
+        counts[name] = counts.get(name, 0) + last["n"]
 
     inputs, out_name = {}, None
     for mod_name, mod in model.named_modules():
@@ -137,6 +144,7 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
     rows = budget_rows(sequences, token_budget)
     with bar_of(total=sum(map(len, rows)), desc="imatrix", unit="tok", enabled=progress, leave=False) as bar:
         calibration_forward(model, rows, inputs, add, out_name, bar)
+    last.clear()
     if not sums:
         raise FormatError("no calibration tokens went through the model; the importance matrix is empty")
     return Imatrix({k: v.to(torch.float32).numpy() for k, v in sums.items()}, counts, list(datasets),
