@@ -179,6 +179,30 @@ def _scaled_hparams(field: str, factor: float):
     return hparams
 
 
+def test_gguf_control_is_the_file_libllama_quantized_from(adapter, tmp_path, monkeypatch, floor_decides):
+    """libllama quantizes from an f32 GGUF of the merged weights, written by the same writer in the same run:
+    the gate measures that very file as the control (kept beside dist/ until the export ends) instead of
+    writing another, and the file is gone afterwards."""
+    from exporter.gate.floor import Floor
+
+    built, measured = [], []
+    real = registry.BUILDERS["gguf"]
+    monkeypatch.setitem(registry.BUILDERS, "gguf", lambda hf, dtype, work, stem, recipe=None: (
+        built.append((stem, dtype)), real(hf, dtype, work, stem, recipe))[1])
+    real_logits = Floor._logits
+    monkeypatch.setattr(Floor, "_logits", lambda self, fmt, path: (measured.append(path),
+                                                                   real_logits(self, fmt, path))[1])
+    rc, by = _export(adapter, tmp_path / "dist", *GGUF)
+    assert rc == 0, {k: t["failures"] for k, t in by.items()}
+    assert not [b for b in built if b[0] == "control"], built
+    assert ("floor", "q8_0") in built and ("floor", "q4_k_m") in built  # the floor still builds its own
+    sources = [p for p in measured if p.name == "intermediate-f32.gguf"]
+    assert len(sources) == 1 and sources[0].parent.parent == tmp_path, measured
+    assert not sources[0].exists() and sorted(p.name for p in tmp_path.iterdir()) == ["dist"]
+    for t in (by["q8_0"], by["q4_k_m"]):
+        assert t["control"]["type"] == "f32" and t["control"]["passed"]
+        assert t["control"]["metrics"]["kld_mean"] <= 1e-4
+
 def _plant(monkeypatch, bug: str) -> None:
     """Break the writer itself for the rest of the test: every file it writes carries the bug."""
     from formats.gguf import arch

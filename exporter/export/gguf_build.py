@@ -149,8 +149,9 @@ def recipes_of_artifacts(artifacts: list[Path]) -> dict[str, Recipe]:
     return out
 
 
-def build_gguf(source: Path, merged: Path, tmp: Path, opts, clock) -> GGUFBuild:
-    """Every GGUF of the export into `tmp` (the staging dist); stage times into `clock` (a Stopwatch)."""
+def build_gguf(source: Path, merged: Path, tmp: Path, opts, clock, keep_source: Path | None = None) -> GGUFBuild:
+    """Every GGUF of the export into `tmp` (the staging dist); stage times into `clock` (a Stopwatch).
+    `keep_source`: where libllama's source file goes instead of being deleted (the gate's control)."""
     from exporter.export.quant_recipes import wants_imatrix
     from formats.gguf.export import GGUFOptions, export_gguf
 
@@ -174,7 +175,8 @@ def build_gguf(source: Path, merged: Path, tmp: Path, opts, clock) -> GGUFBuild:
     if any(r.imatrix is not None for r in recipes.values()):
         write_imatrix(imx, tmp / IMATRIX_FILE)
     with clock("gguf " + " ".join(quants)):
-        result = export_gguf(merged, tmp, quants, GGUFOptions(adapter_dir=source if opts.gguf_adapter else None, recipes=recipes))
+        result = export_gguf(merged, tmp, quants, GGUFOptions(adapter_dir=source if opts.gguf_adapter else None,
+                                                              recipes=recipes, keep_source=keep_source))
     return GGUFBuild(result, recipes, record, report_md, imx)
 
 

@@ -21,7 +21,10 @@ says `"gate": {"status": "pending"}`: rerunning the same command after a kill fi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,19 +136,38 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
     opts = validate(source, opts)
     refuse_overlap(out_dir, export_inputs(source, opts))  # with or without --force
     clock = Stopwatch()
-    with output_lock(out_dir) as lock:  # for the whole run: a second export to the same --out fails at once
-        artifacts = pending_gate(out_dir, source, opts)  # a killed run's build whose gate never ran
+    # for the whole run: a second export to the same --out fails at once
+    with output_lock(out_dir) as lock, scratch_dir(out_dir, opts.check and opts.gguf) as scratch:
+        artifacts, controls = pending_gate(out_dir, source, opts), {}  # a killed run's build whose gate never ran
         if artifacts is None:
-            artifacts = build(source, out_dir, opts, lock, clock)
+            artifacts, controls = build(source, out_dir, opts, lock, clock, scratch)
         if not opts.check:
             return None
-        return gate(source, out_dir, artifacts, opts, clock)
+        return gate(source, out_dir, artifacts, opts, clock, controls)
 
 
-def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock, clock: Stopwatch) -> list[Path]:
-    """Every writer into a staging dir that becomes out_dir whole; returns the artifacts to gate.
-    Each stage's time goes to `clock` (and lorax.json's "timing")."""
+@contextlib.contextmanager
+def scratch_dir(out_dir: Path, wanted: bool):
+    """A temp dir beside out_dir (same filesystem: files move in by rename) for what the build writes for the
+    gate only, removed when the export ends; None when not `wanted`."""
+    if not wanted:
+        yield None
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".gate.tmp", dir=out_dir.parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock, clock: Stopwatch,
+          scratch: Path | None = None) -> tuple[list[Path], dict]:
+    """Every writer into a staging dir that becomes out_dir whole; returns the artifacts to gate, and the
+    lossless files of the merged weights the writers made on the way, kept in `scratch` for the gate's
+    control (format -> (path, type)). Each stage's time goes to `clock` (and lorax.json's "timing")."""
     artifacts: list[Path] = []
+    controls: dict[str, tuple[Path, str]] = {}
     record: dict = {"kind": "export", "lorax_version": LORAX_VERSION, "source": str(source.resolve()),
                     "created": datetime.now(UTC).isoformat(timespec="seconds"), "artifacts": []}
     with atomic_dir(out_dir, force=opts.force, lock=lock) as tmp:
@@ -164,9 +186,11 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock, cl
         if opts.gguf:
             from exporter.export.gguf_build import build_gguf, recipe_record
 
-            built = build_gguf(source, merged_tmp, tmp, opts, clock)
+            built = build_gguf(source, merged_tmp, tmp, opts, clock, keep_source=scratch)
             imx = built.imatrix
             result = built.result
+            if result.source is not None:  # libllama's source: the exact type of the merged weights
+                controls["gguf"] = (result.source.path, result.source.type)
             record.update(built.record)
             files = [(f.kind, f.type, f.path, f.sha256) for f in result]
             if opts.gguf_adapter:
@@ -194,11 +218,13 @@ def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock, cl
         record.update(request=request_of(source, opts), gate=pending(artifacts, out_dir, opts.check),
                       timing=dict(clock.seconds))
         (tmp / "lorax.json").write_text(json.dumps(record, indent=2) + "\n")
-    return artifacts
+    return artifacts, controls
 
 
-def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions, clock: Stopwatch | None = None):
-    """Gate the published artifacts; the LoRA GGUF is measured on the base-as-trained GGUF it ships with."""
+def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions, clock: Stopwatch | None = None,
+         controls: dict | None = None):
+    """Gate the published artifacts; the LoRA GGUF is measured on the base-as-trained GGUF it ships with.
+    `controls`: lossless files of the merged weights the build kept (format -> (path, type))."""
     from exporter.export.gguf_build import recipes_from_record
     from exporter.gate.check import GateOptions, check
     from exporter.gate.targets import open_target
@@ -212,7 +238,7 @@ def gate(source: Path, out_dir: Path, artifacts: list[Path], opts: ExportOptions
                         prompts=opts.prompts, report_dir=out_dir, gen_tokens=opts.gen_tokens,
                         max_samples=opts.max_samples, overrides=opts.overrides, floor=opts.floor, lora=lora,
                         merged_dir=merged, recipes=recipes_from_record(record, out_dir), clock=clock,
-                        reuse_reference=opts.reuse_reference)
+                        reuse_reference=opts.reuse_reference, controls=controls or {})
     report = check(source, targets, gopts)
     if (out_dir / "quant.md").is_file():  # --quant auto: every candidate measured, below the gate's verdict
         with open(out_dir / "report.md", "a") as fh:

@@ -41,6 +41,9 @@ class GateOptions:
     recipes: dict = field(default_factory=dict)  # GGUF type -> Recipe the target was quantized with (the floor too)
     clock: Stopwatch | None = None  # the caller's stage timing (the export's build); the gate's stages join it
     reuse_reference: bool = True  # reuse stored reference outputs (exporter.gate.reference_store)
+    # format -> (file, type): a lossless file of the merged weights the caller's writer already made (the
+    # export's GGUF intermediate), measured as that format's control instead of writing another
+    controls: dict = field(default_factory=dict)
 
     def merge_options(self) -> MergeOptions:
         """How the floor re-merges the adapter when it needs to: as read here, quietly, unverified (the
@@ -138,7 +141,7 @@ def check(source: str | Path, artifacts: list, opts: GateOptions | None = None) 
     probe = Floor(samples, adapter_dir=source if is_adapter(source) else None,
                   merged_dir=opts.merged_dir or (None if is_adapter(source) else source),
                   merge=opts.merge_options(), mode=opts.floor, recipes=opts.recipes,
-                  vocab=len(ref.tokenizer))
+                  vocab=len(ref.tokenizer), controls=opts.controls)
     try:
         targets = _targets(source, artifacts, opts, probe)
         yard = Yardstick(samples, ref.tokenizer, opts.gen_tokens)

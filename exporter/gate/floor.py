@@ -105,7 +105,7 @@ class Floor:
 
     def __init__(self, samples: list[Sample], *, adapter_dir: Path | None = None, merged_dir: Path | None = None,
                  merge: MergeOptions | None = None, mode: str = "auto", recipes: dict | None = None,
-                 vocab: int = 2**16) -> None:
+                 vocab: int = 2**16, controls: dict | None = None) -> None:
         if mode not in FLOOR_MODES:
             raise ValueError(f"--floor {mode!r}: expected one of {', '.join(FLOOR_MODES)}")
         if adapter_dir is None and merged_dir is None:
@@ -121,6 +121,8 @@ class Floor:
         self._base_logits: list[np.ndarray] | None = None
         self._floors: dict[tuple[str, str], dict[str, float]] = {}
         self._controls: dict[str, Control] = {}  # format -> its lossless control
+        # format -> (path, type): lossless files of the merged weights the caller's writer already made
+        self._given_controls: dict[str, tuple[Path, str]] = dict(controls or {})
 
     @property
     def work(self) -> Path:
@@ -186,9 +188,10 @@ class Floor:
             log.info("control %s/%s: reused the measurement stored with the reference outputs", fmt, hit["dtype"])
             self._controls[fmt] = Control(fmt, hit["dtype"], hit["metrics"], hit["limits"], hit["failures"])
             return self._controls[fmt]
-        if shipped is not None:
-            log.info("control %s: the export's own %s (same writer, same run, same weights)", fmt, shipped)
-            path, dtype = shipped, "float32"
+        made = (shipped, "float32") if shipped is not None else self._given_controls.get(fmt)
+        if made is not None:
+            path, dtype = made
+            log.info("control %s: the export's own %s (same writer, same run, same weights)", fmt, path)
         else:
             merged = self.merged()
             dtype = control_type(fmt, merged)
@@ -197,7 +200,7 @@ class Floor:
         m = parity.as_dict()
         limits = limits_for(fmt, dtype, positions=parity.positions)
         self._controls[fmt] = Control(fmt, dtype, m, limits, violations(m, limits))
-        if shipped is None:
+        if made is None:
             _remove(path)
         store.remember(ref.key, name, asdict(self._controls[fmt]))
         return self._controls[fmt]
@@ -250,7 +253,8 @@ def shipped_control(fmt: str, dtype: str, path: Path) -> Path | None:
     `lorax export --onnx --onnx-quant int4` writes onnx/model.onnx (float32) and quantizes it into
     onnx/model_q4.onnx in one run, and lorax.json lists both variants: that float32 graph is exactly the
     control's file (the same writer's exact file of the same merged weights). Measuring it saves building
-    the graph again (the whole ONNX export: minutes at 1B+). GGUF dirs ship no merged f32 file."""
+    the graph again (the whole ONNX export: minutes at 1B+). GGUF dirs ship no merged f32 file; `lorax
+    export` keeps the one libllama quantized from for the gate instead (GateOptions.controls)."""
     if fmt != "onnx" or dtype == "float32":
         return None
     from formats.onnx import bundle

@@ -47,6 +47,7 @@ class GGUFExport:
     files: list[GGUFFile]
     warnings: list[str] = field(default_factory=list)
     tokenizer_probes: int = 0
+    source: GGUFFile | None = None  # libllama's source file, kept where GGUFOptions.keep_source said
 
     def __iter__(self) -> Iterator[GGUFFile]:
         return iter(self.files)
@@ -80,6 +81,9 @@ class GGUFOptions:
     nthread: int | None = None  # libllama quantizer threads (None: all cores)
     # a libllama type's importance matrix / tensor types (formats.gguf.quantize.Recipe)
     recipes: dict[str, Recipe] = field(default_factory=dict)
+    # a dir to move libllama's source file into (the exact type of the weights, written by this writer)
+    # instead of deleting it: the gate measures it as the lossless control of the same weights
+    keep_source: Path | None = None
 
 
 def export_gguf(hf_dir: str | Path, out_dir: str | Path, quants: Sequence[str] = ("f16",),
@@ -133,6 +137,11 @@ def export_gguf(hf_dir: str | Path, out_dir: str | Path, quants: Sequence[str] =
             os.replace(staged[key], target)
             kind = "lora" if key == "lora" else "model"
             files.append(GGUFFile(target, "f32" if key == "lora" else key, kind, digest))
-        return GGUFExport(files, warnings, probes)
+        kept = None
+        if opts.keep_source is not None and libllama and inter_type not in targets:
+            kept_path = Path(opts.keep_source) / inter.name
+            os.replace(inter, kept_path)  # not hashed: it is measured, not shipped
+            kept = GGUFFile(kept_path, inter_type, "source", "")
+        return GGUFExport(files, warnings, probes, kept)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
