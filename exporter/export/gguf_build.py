@@ -58,13 +58,17 @@ def importance_matrix(source: Path, merged: Path, opts, needed: bool) -> Imatrix
     from transformers import AutoTokenizer
 
     from exporter.export.calibration import calibration_sequences
+    from lorax_common.memory import release
 
     try:
         cal = calibration_sequences(source, AutoTokenizer.from_pretrained(merged), opts.calibration)
     except LoraxError as e:
         log.warning("%s; quantizing without an importance matrix", e)
         return None
-    return collect_imatrix(merged, cal.sequences, token_budget=opts.imatrix_tokens, datasets=[cal.source])
+    try:
+        return collect_imatrix(merged, cal.sequences, token_budget=opts.imatrix_tokens, datasets=[cal.source])
+    finally:
+        release()  # the model it ran is gone: hand its heap back before the quantizer and the gate
 
 
 def recipes_for(quants: tuple[str, ...], imx: Imatrix | None, opts) -> dict[str, Recipe]:

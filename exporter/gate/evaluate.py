@@ -213,6 +213,8 @@ def tokenizer_mismatch(runner, samples: list[Sample]) -> str | None:
 
 def run_target(target: Target, yard: Yardstick):
     """(tokenizer mismatch or None, logits, generations) of one target, loaded for this call only."""
+    from lorax_common.memory import release
+
     runner = target.open()
     try:
         mismatch = tokenizer_mismatch(runner, yard.samples)
@@ -220,6 +222,7 @@ def run_target(target: Target, yard: Yardstick):
         return mismatch, out.logits, out.generations
     finally:
         runner.close()
+        release()  # the next model's peak should not stack on this one's leftovers
 
 
 def _result(target: Target, metrics_: dict, limits: dict, failures: list[str], **kw) -> TargetResult:

@@ -156,12 +156,14 @@ class Floor:
     def _logits(self, fmt: str, path: Path) -> list[np.ndarray]:
         from exporter.gate.evaluate import batched_logits
         from exporter.gate.targets import open_runner
+        from lorax_common.memory import release
 
         runner = open_runner(fmt, path, name=f"probe:{path.name}")
         try:
             return batched_logits(runner, [s.ids for s in self.samples], self.vocab)
         finally:
             runner.close()
+            release()
 
     def _weights_identity(self) -> list:
         """What the merged weights (and the base as trained) depend on beyond the reference's own key: the

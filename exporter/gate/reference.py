@@ -225,9 +225,29 @@ def load_reference(info: AdapterInfo, dtype: str | None = None):
         base = base_as_trained.load(info.base_dir, info.trained_on.quantization(), dtype or info.trained_on.load_dtype)
     except UserError as e:
         raise LoraxError(str(e)) from None
+    _off_the_file(base)
     model = PeftModel.from_pretrained(base, info.adapter_dir)
     model.eval()
     return model, load_tokenizer(info)
+
+
+def _off_the_file(model) -> None:
+    """Copy the tensors the base load left as views of its mapped checkpoint (embeddings, norms, the head:
+    everything not 4-bit) into memory of their own, so the mapping closes. Otherwise every page the 4-bit
+    quantization read stays resident for as long as the reference runs (1.18B bench, bf16 base: 2.2 GB
+    for 0.4 GB of tensors still in use). The values are the same; only where they live changes."""
+    import bitsandbytes as bnb
+
+    from lorax_common.memory import release
+
+    for p in model.parameters():
+        if not isinstance(p, bnb.nn.Params4bit):
+            p.data = p.data.clone()
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.clone()
+    release()
 
 
 def load_tokenizer(info: AdapterInfo):

@@ -225,6 +225,7 @@ def reference_outputs(ref: ReferenceSource, yard, reuse: bool = True, candidates
     decoding its own (evaluate.verified_generations: the result is the reference's own greedy answer)."""
     from exporter.gate.evaluate import RefOutputs, run_reference
     from exporter.gate.fast_reference import dequantize_once
+    from lorax_common.memory import release
 
     key = reference_key(ref.identity, yard) if reuse and store_dir() is not None else None
     stored = load(key) if key else None
@@ -240,6 +241,7 @@ def reference_outputs(ref: ReferenceSource, yard, reuse: bool = True, candidates
         out = run_reference(runner, yard, candidates)
     finally:
         runner.close()  # only its outputs are needed from here on: peak memory is one model at a time
+        release()
     if out.generation is not None:
         path = {**path, "generation": {"checked": proxy, **out.generation}}
     if key is None:

@@ -108,9 +108,9 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
     cfg = read_config(Path(hf_dir))
     spec = arch_spec(cfg)
     if model is None:
-        from transformers import AutoModelForCausalLM
+        from formats.hf.load import load_causal_lm
 
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype or compute_dtype()))
+        model = load_causal_lm(hf_dir, dtype or compute_dtype())
     model.eval()
     head = model.get_output_embeddings()
     tied = hparams(cfg).tied

@@ -19,7 +19,9 @@ class HFRunner:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", name: str | None = None, model=None,
                  tokenizer=None) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from formats.hf.load import load_causal_lm
 
         self.name = name or f"hf:{Path(model_dir).name}"
         self.path = Path(model_dir)
@@ -29,7 +31,7 @@ class HFRunner:
             read_json_object(self.path / "config.json", "a Hugging Face model config")
             weight_files(self.path)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
-        self.model = model or AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        self.model = model or load_causal_lm(model_dir, dtype)
         self.model.eval()
         self._torch = torch
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None

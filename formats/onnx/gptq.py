@@ -103,9 +103,9 @@ def collect_hessians(hf_dir: str | Path, sequences: Sequence[Sequence[int]], nam
     from lorax_common.log import progress as bar_of
 
     if model is None:
-        from transformers import AutoModelForCausalLM
+        from formats.hf.load import load_causal_lm
 
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype or compute_dtype()))
+        model = load_causal_lm(hf_dir, dtype or compute_dtype())
     model.eval()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
