@@ -149,12 +149,13 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
 @contextlib.contextmanager
 def scratch_dir(out_dir: Path, wanted: bool):
     """A temp dir beside out_dir (same filesystem: files move in by rename) for what the build writes for the
-    gate only, removed when the export ends; None when not `wanted`."""
+    gate only, removed when the export ends; None when not `wanted`. Named like out_dir's staging
+    (`.NAME.XXXXXXXX.tmp`), so the next run's lock sweeps it if this one is killed (lorax_common.outputs)."""
     if not wanted:
         yield None
         return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".gate.tmp", dir=out_dir.parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         yield path
     finally:
