@@ -128,6 +128,26 @@ def test_dequantize_once_is_bit_identical_to_bitsandbytes(nf4_adapter):
     assert [ref.generate(s.prompt_ids, 12) for s in samples] == gens
 
 
+def test_decoding_feeds_the_head_contiguous_inputs(tiny_model_dir):
+    """logits_to_keep=1 hands the output projection a strided view of the prefill's last position; torch's
+    CPU linear then copies a bf16 weight to float32 and rounds otherwise than every other forward (measured:
+    a 49152 x 2048 head, +1.5 GB, the 1.18B bench reference's peak RSS). The runner makes the input
+    contiguous, and decodes the same tokens."""
+    from formats.hf.runner import HFRunner
+
+    runner = HFRunner(tiny_model_dir, dtype="bfloat16")
+    prompts = [[1 + (i * 7 + j) % 400 for j in range(12 + i)] for i in range(4)]
+    seen: list[bool] = []
+    spy = runner.model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    try:
+        batched = runner.generate_batch(prompts, 6)
+    finally:
+        spy.remove()
+    assert len(seen) >= 2 and all(seen), seen
+    assert batched == [runner.generate(p, 6) for p in prompts]
+
+
 def test_dequantize_once_holds_for_a_base_loaded_in_bfloat16(tiny_model_dir, tmp_path):
     """Training loaded in bf16, computing in float32 (the 1.18B bench's setup): bitsandbytes' matmul
     dequantizes the codes straight into float32. functional.dequantize_4bit returns the base's bf16, which
