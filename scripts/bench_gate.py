@@ -75,6 +75,7 @@ def hand_loop(adapter: Path, gguf: Path, samples, gen_tokens: int = 16) -> float
 def compare_with_hand_loop(args) -> None:
     import os
 
+    from exporter.export.gguf_build import merged_of_artifacts, recipes_of_artifacts
     from exporter.gate.check import GateOptions, check
     from exporter.gate.reference import load_tokenizer, read_adapter
     from exporter.gate.samples import build, load_rows
@@ -84,10 +85,14 @@ def compare_with_hand_loop(args) -> None:
     store = Path(tempfile.mkdtemp(prefix="lorax-bench-store-"))
     os.environ["LORAX_REFERENCE_CACHE"] = str(store)  # a fresh store: the first check computes, the second reuses
     hand = hand_loop(args.adapter, args.hand_loop, samples)
+    # what `lorax check ADAPTER GGUF` derives from the export dir the GGUF sits in (exporter/cli/check.py)
+    paths = [Path(args.hand_loop)]
+    opts = GateOptions(floor="off", max_samples=args.max_samples, recipes=recipes_of_artifacts(paths),
+                       merged_dir=merged_of_artifacts(Path(args.adapter), paths))
     times, reports = [], []
     for _ in range(2):
         t0 = time.perf_counter()
-        reports.append(check(args.adapter, [args.hand_loop], GateOptions(floor="off", max_samples=args.max_samples)))
+        reports.append(check(args.adapter, [args.hand_loop], opts))
         times.append(time.perf_counter() - t0)
     same = reports[0].targets[0].metrics == reports[1].targets[0].metrics
     out = {"samples": len(samples), "hand_loop_s": round(hand, 1), "check_s": round(times[0], 1),

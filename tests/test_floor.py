@@ -203,6 +203,32 @@ def test_gguf_control_is_the_file_libllama_quantized_from(adapter, tmp_path, mon
         assert t["control"]["type"] == "f32" and t["control"]["passed"]
         assert t["control"]["metrics"]["kld_mean"] <= 1e-4
 
+def test_standalone_check_builds_its_control_from_the_exports_merge(adapter, tmp_path, monkeypatch, capsys):
+    """`lorax check ADAPTER dist/model-q8_0.gguf`: dist/merged was merged from this adapter (its lorax.json
+    says so by sha256), so the control is written from it instead of merging again; checked against another
+    adapter, the same file gets a merge of that adapter."""
+    from adapters import LoraSpec, make_adapter
+
+    import exporter.merge.api as merge_api
+    from exporter.gate.reference import read_adapter
+
+    _export(adapter, tmp_path / "dist", "--gguf", "--quant", "q8_0")  # q8_0's verdict: the table's, not this test's
+    merges: list = []
+    real = merge_api.merge_adapter
+    monkeypatch.setattr(merge_api, "merge_adapter", lambda src, out, opts=None: (
+        merges.append((Path(src), opts.adapter_weights)), real(src, out, opts))[1])
+    gguf = tmp_path / "dist" / "model-q8_0.gguf"
+    args = ["check", "--max-samples", "2", "--gen-tokens", "4", "--floor", "off", "--fresh-reference"]
+    main([*args, str(adapter), str(gguf), "--report", str(tmp_path / "r")])
+    (row,) = json.loads((tmp_path / "r" / "report.json").read_text())["targets"]
+    assert merges == [] and row["control"]["passed"], (merges, row["control"])
+    assert row["control"]["metrics"]["kld_mean"] <= 1e-4
+    other = tmp_path / "other"
+    make_adapter(read_adapter(adapter).base_dir, other, trained_on="nf4", double_quant=True, spec=LoraSpec(seed=7))
+    main([*args, str(other), str(gguf)])  # its verdict does not matter here: another model
+    assert merges and all(src == other and with_lora for src, with_lora in merges), merges
+
+
 def _plant(monkeypatch, bug: str) -> None:
     """Break the writer itself for the rest of the test: every file it writes carries the bug."""
     from formats.gguf import arch

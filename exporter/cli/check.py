@@ -48,9 +48,12 @@ def command(adapter: str, artifacts: tuple[str, ...], thresholds: tuple[str, ...
         raise LoraxError(str(e)) from None
     opts = build(GateOptions, flags, overrides=overrides)
     # the floor builds each lossy type as its export did (importance matrix, tensor types): lorax.json beside it
-    from exporter.export.gguf_build import recipes_of_artifacts
+    from exporter.export.gguf_build import merged_of_artifacts, recipes_of_artifacts
 
-    opts = replace(opts, recipes=recipes_of_artifacts([Path(a) for a in artifacts]))
+    paths = [Path(a) for a in artifacts]
+    opts = replace(opts, recipes=recipes_of_artifacts(paths))
+    if not (opts.base or opts.trained_on or opts.double_quant):  # merged as recorded: the control can reuse it
+        opts = replace(opts, merged_dir=merged_of_artifacts(Path(adapter), paths))
     report = check(adapter, list(artifacts), opts)
     click.echo(to_markdown(report))
     if not report.passed:

@@ -153,6 +153,27 @@ def recipes_of_artifacts(artifacts: list[Path]) -> dict[str, Recipe]:
     return out
 
 
+def merged_of_artifacts(adapter: Path, artifacts: list[Path]) -> Path | None:
+    """The merged weights the checked artifacts were written from, when one `lorax export` dir holds them all
+    and its merged/ was merged from this very adapter (merged/lorax.json's adapter sha256): a standalone
+    `lorax check` then builds its lossless control from them instead of merging again. A merged dir from
+    other weights could only make that control fail, never pass a writer bug."""
+    from lorax_common.hashing import sha256_file
+
+    dists = {export_dir_of(a) for a in artifacts}
+    if len(dists) != 1:
+        return None
+    merged = next(iter(dists)) / "merged"
+    meta, weights = merged / "lorax.json", Path(adapter) / "adapter_model.safetensors"
+    if not (meta.is_file() and weights.is_file() and (merged / "config.json").is_file()):
+        return None
+    try:
+        recorded = json.loads(meta.read_text()).get("adapter", {}).get("weights_sha256")
+    except (ValueError, AttributeError):
+        return None
+    return merged if recorded and recorded == sha256_file(weights) else None
+
+
 def build_gguf(source: Path, merged: Path, tmp: Path, opts, clock, keep_source: Path | None = None) -> GGUFBuild:
     """Every GGUF of the export into `tmp` (the staging dist); stage times into `clock` (a Stopwatch).
     `keep_source`: where libllama's source file goes instead of being deleted (the gate's control)."""
