@@ -67,3 +67,49 @@ def test_the_gate_checks_a_target_s_tokens_and_says_so(nf4_adapter, tmp_path, mo
     assert a.passed == b.passed and proxied.reference_task_accuracy == alone.reference_task_accuracy
     for k in ("kld_mean", "kld_p99", "top1", "ppl_ratio", "greedy_match"):
         assert abs(a.metrics[k] - b.metrics[k]) <= 1e-6, (k, a.metrics[k], b.metrics[k])
+
+
+# --- the same from inside one KV cache per batch (exporter.gate.session_outputs, HF runners) ---
+
+ANSWERS = [[61, 62, 63], [70], [71, 72, 73, 74, 75], [80, 81]]
+
+
+def _samples():
+    from exporter.gate.samples import Sample
+
+    return [Sample(text="", ids=p + a, prompt_ids=p, answer=None) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
+
+
+def test_session_gives_the_runner_s_own_logits_and_greedy_tokens(runner, own):
+    """Teacher-forced logits as a padded batch computes them, bit for bit, and the greedy tokens of decoding
+    after a separate prefill, though decoding starts from inside the teacher-forced cache."""
+    from exporter.gate.evaluate import batched_logits
+    from exporter.gate.session_outputs import session_outputs
+
+    samples = _samples()
+    logits, gens, how = session_outputs(runner, samples, BUDGETS, vocab=512)
+    assert how is None and gens == own
+    for a, b in zip(logits, batched_logits(runner, [s.ids for s in samples], 512), strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["own", "junk", "one changed", "cut short", "empty"])
+def test_session_checks_any_candidates_into_the_runner_s_own_tokens(runner, own, case):
+    from exporter.gate.session_outputs import session_outputs
+
+    rng = np.random.default_rng(1)
+    candidates = {"own": own,
+                  "junk": [list(map(int, rng.integers(3, 500, size=b))) for b in BUDGETS],
+                  "one changed": _changed(own, 3),
+                  "cut short": [g[:2] for g in own],
+                  "empty": [[] for _ in own]}[case]
+    _, gens, how = session_outputs(runner, _samples(), BUDGETS, 512, candidates)
+    assert gens == own
+    assert how["verified"] + how["continued"] == len(PROMPTS)
+    assert (how["continued"] == 0) == (case == "own")
+
+
+def test_session_is_refused_for_sliding_window_attention(tiny_model_factory):
+    from formats.hf.runner import HFRunner
+
+    assert HFRunner(tiny_model_factory(arch="gemma3")).cache_session(2) is None

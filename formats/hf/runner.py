@@ -111,6 +111,18 @@ class HFRunner:
         with contiguous_head_input(self.model):
             return greedy_batch(step, n, len(prompts), self.stop)
 
+    def cache_session(self, rows: int):
+        """A KV cache for `rows` rows that decodes from inside teacher-forced logits (formats.hf.session), or
+        None for models with sliding-window attention: rewound rows leave masked columns behind, and a window
+        counted in columns would then reach less far back than the model's."""
+        from formats.hf.session import CacheSession
+
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        if getattr(cfg, "sliding_window", None) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+            return None
+        return CacheSession(self.model, rows, self._pad)
+
     @property
     def _pad(self) -> int:
         """Any real id works (the mask hides it); the tokenizer's pad token when it has one."""
