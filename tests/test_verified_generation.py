@@ -29,15 +29,21 @@ def _changed(gens: list[list[int]], at: int) -> list[list[int]]:
     return [g[:at] + [(g[at] + 1) % 500] + g[at + 1:] if len(g) > at else g for g in gens]
 
 
-@pytest.mark.parametrize("case", ["own", "junk", "one changed", "cut short", "empty"])
+CASES = ["own", "junk", "one changed", "cut short", "empty"]
+
+
+def _candidates(case: str, own: list[list[int]], seed: int) -> list[list[int]]:
+    """The runner's own greedy tokens, or junk, or its own with one token changed, cut short, or nothing."""
+    if case == "junk":
+        rng = np.random.default_rng(seed)
+        return [list(map(int, rng.integers(3, 500, size=b))) for b in BUDGETS]
+    return {"own": own, "one changed": _changed(own, 3), "cut short": [g[:2] for g in own],
+            "empty": [[] for _ in own]}[case]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_any_candidates_give_the_reference_s_own_greedy_tokens(runner, own, case):
-    rng = np.random.default_rng(0)
-    candidates = {"own": own,
-                  "junk": [list(map(int, rng.integers(3, 500, size=b))) for b in BUDGETS],
-                  "one changed": _changed(own, 3),
-                  "cut short": [g[:2] for g in own],
-                  "empty": [[] for _ in own]}[case]
-    gens, how = verified_generations(runner, PROMPTS, BUDGETS, candidates, vocab=512)
+    gens, how = verified_generations(runner, PROMPTS, BUDGETS, _candidates(case, own, seed=0), vocab=512)
     assert gens == own
     assert how["rows"] == len(PROMPTS) and how["verified"] + how["continued"] == len(PROMPTS)
     if case == "own":
@@ -93,17 +99,11 @@ def test_session_gives_the_runner_s_own_logits_and_greedy_tokens(runner, own):
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["own", "junk", "one changed", "cut short", "empty"])
+@pytest.mark.parametrize("case", CASES)
 def test_session_checks_any_candidates_into_the_runner_s_own_tokens(runner, own, case):
     from exporter.gate.session_outputs import session_outputs
 
-    rng = np.random.default_rng(1)
-    candidates = {"own": own,
-                  "junk": [list(map(int, rng.integers(3, 500, size=b))) for b in BUDGETS],
-                  "one changed": _changed(own, 3),
-                  "cut short": [g[:2] for g in own],
-                  "empty": [[] for _ in own]}[case]
-    _, gens, how = session_outputs(runner, _samples(), BUDGETS, 512, candidates)
+    _, gens, how = session_outputs(runner, _samples(), BUDGETS, 512, _candidates(case, own, seed=1))
     assert gens == own
     assert how["verified"] + how["continued"] == len(PROMPTS)
     assert (how["continued"] == 0) == (case == "own")
