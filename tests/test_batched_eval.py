@@ -166,6 +166,33 @@ def test_dequantize_once_holds_for_a_base_loaded_in_bfloat16(tiny_model_dir, tmp
         assert np.array_equal(ref.logits(s.ids), b)
 
 
+def test_dequantized_weights_are_held_by_their_layers_alone(nf4_adapter, monkeypatch):
+    """Nothing but the layer keeps a dequantized weight, so dropping the reference frees them at once. A
+    class per layer closing over its weight sat in a reference cycle: 3.7 GB of the 1.18B bench reference
+    stayed resident until a full collection (the demo: 405 of 558 MB)."""
+    import gc
+    import weakref
+
+    import exporter.gate.fast_reference as fr
+
+    ref, samples = _nf4_reference(nf4_adapter)
+    made: list = []
+    real = fr.dequantize_as_matmul
+
+    def tracked(*args):
+        w = real(*args)
+        made.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(fr, "dequantize_as_matmul", tracked)
+    gc.disable()
+    try:
+        assert fr.dequantize_once(ref, samples[0].ids)["path"] == "dequantized once"
+        assert made and all(w() is None for w in made), sum(w() is not None for w in made)
+    finally:
+        gc.enable()
+
+
 def test_dequantize_once_restores_bitsandbytes_when_the_logits_differ(nf4_adapter, monkeypatch):
     """A dequantization that is off by one ulp-scale nudge is caught by the probe and undone."""
     import exporter.gate.fast_reference as fr
