@@ -223,6 +223,20 @@ def atomic_dir(dest: str | Path, force: bool = False, lock: OutputLock | None = 
 
 
 @contextlib.contextmanager
+def scratch_dir(dest: str | Path) -> Iterator[Path]:
+    """A temp dir beside `dest` for files a run needs only while it runs (same filesystem: files move in by
+    rename), removed when the block ends. Named like `dest`'s staging, so a killed run's is swept by the
+    next lock holder like the rest (sweep_staging)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(guard_write(tempfile.mkdtemp, dest, prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+    finally:
+        _remove(tmp)
+
+
+@contextlib.contextmanager
 def atomic_file(dest: str | Path, force: bool = False, lock: OutputLock | None = None) -> Iterator[Path]:
     """Yield a temp file path beside `dest`; renamed to `dest` only when the block succeeds.
 

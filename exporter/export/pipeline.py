@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +33,7 @@ from exporter.export.publish import export_inputs, pending, pending_gate, reques
 from exporter.merge.api import MergeOptions
 from formats.fsutil import atomic_dir
 from lorax_common.hashing import sha256_file
-from lorax_common.outputs import OutputLock, output_lock, refuse_overlap
+from lorax_common.outputs import OutputLock, output_lock, refuse_overlap, scratch_dir
 from lorax_common.timing import Stopwatch
 from lorax_common.versions import LORAX_VERSION
 
@@ -137,29 +135,15 @@ def export(source: str | Path, out_dir: str | Path, opts: ExportOptions):
     refuse_overlap(out_dir, export_inputs(source, opts))  # with or without --force
     clock = Stopwatch()
     # for the whole run: a second export to the same --out fails at once
-    with output_lock(out_dir) as lock, scratch_dir(out_dir, opts.check and opts.gguf) as scratch:
+    with output_lock(out_dir) as lock, contextlib.ExitStack() as stack:
+        # the build keeps files here that only the gate reads (the GGUF control); swept if the run is killed
+        scratch = stack.enter_context(scratch_dir(out_dir)) if opts.check and opts.gguf else None
         artifacts, controls = pending_gate(out_dir, source, opts), {}  # a killed run's build whose gate never ran
         if artifacts is None:
             artifacts, controls = build(source, out_dir, opts, lock, clock, scratch)
         if not opts.check:
             return None
         return gate(source, out_dir, artifacts, opts, clock, controls)
-
-
-@contextlib.contextmanager
-def scratch_dir(out_dir: Path, wanted: bool):
-    """A temp dir beside out_dir (same filesystem: files move in by rename) for what the build writes for the
-    gate only, removed when the export ends; None when not `wanted`. Named like out_dir's staging
-    (`.NAME.XXXXXXXX.tmp`), so the next run's lock sweeps it if this one is killed (lorax_common.outputs)."""
-    if not wanted:
-        yield None
-        return
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def build(source: Path, out_dir: Path, opts: ExportOptions, lock: OutputLock, clock: Stopwatch,

@@ -170,13 +170,9 @@ def verified_generations(runner, prompts: list[list[int]], budgets: list[int], c
     gens: list[list[int]] = []
     todo: list[int] = []
     for i, (p, c) in enumerate(zip(prompts, cands, strict=True)):
-        choice = logits[i][len(p) - 1:].argmax(-1).tolist()  # the runner's token after each prefix
-        j = next((k for k, (a, b) in enumerate(zip(choice, c, strict=False)) if a != b), len(c))
-        gen = c[:j]
-        if j < len(c) or (len(c) < budgets[i] and (not c or c[-1] not in stop)):
-            gen = gen + [choice[j]]  # the first token the candidate got wrong (or left out)
+        gen, _ = accept(logits[i][len(p) - 1:].argmax(-1).tolist(), c, budgets[i], stop)
         gens.append(gen)
-        if len(gen) < budgets[i] and gen[-1] not in stop:
+        if unfinished(gen, budgets[i], stop):
             todo.append(i)
     if bar is not None:
         bar.update(len(prompts) - len(todo))
@@ -186,6 +182,21 @@ def verified_generations(runner, prompts: list[list[int]], budgets: list[int], c
         for i, r in zip(todo, rest, strict=True):
             gens[i] = gens[i] + r
     return gens, {"rows": len(prompts), "verified": len(prompts) - len(todo), "continued": len(todo)}
+
+
+def accept(choice: list[int], cand: list[int], budget: int, stop: set[int]) -> tuple[list[int], int]:
+    """(the runner's greedy tokens as far as `cand` shows them, how many of cand's tokens held). `choice`:
+    the runner's argmax after the prompt and after each prefix of cand (len(cand) + 1 entries). Pure."""
+    j = next((k for k, (a, b) in enumerate(zip(choice, cand, strict=False)) if a != b), len(cand))
+    gen = cand[:j]
+    if j < len(cand) or (len(cand) < budget and (not cand or cand[-1] not in stop)):
+        gen = gen + [choice[j]]  # the first token the candidate got wrong (or left out)
+    return gen, j
+
+
+def unfinished(gen: list[int], budget: int, stop: set[int]) -> bool:
+    """Greedy decoding would go on after `gen`: under budget and not stopped."""
+    return bool(gen) and len(gen) < budget and gen[-1] not in stop
 
 
 def run_reference(ref, yard: Yardstick, candidates: list[list[int]] | None = None) -> RefOutputs:

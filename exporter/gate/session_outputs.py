@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from exporter.gate.evaluate import accept, unfinished
 from formats.runner import batch_budget, greedy_batch, plan_batches
 
 
@@ -52,13 +53,10 @@ def _verify(sess, group, first, candidates, budgets, stop, gens) -> int:
     for r, i in enumerate(group):
         c = cands[r]
         choice = [int(np.argmax(first[r]))] + (fed[r].argmax(-1).tolist() if c else [])  # the runner's own
-        j = next((k for k, (a, b) in enumerate(zip(choice, c, strict=False)) if a != b), len(c))
-        gen = c[:j]
-        if j < len(c) or (len(c) < budgets[i] and (not c or c[-1] not in stop)):
-            gen = gen + [choice[j]]  # the first token the candidate got wrong (or left out)
+        gen, j = accept(choice, c, budgets[i], stop)
         gens[i] = gen
         sess.keep(r, len(sess.live[r]) - len(c) + j)  # the prompt and the agreeing part of the candidate
-        if gen and len(gen) < budgets[i] and gen[-1] not in stop:
+        if unfinished(gen, budgets[i], stop):
             todo.append(r)
             last.append(gen[-1])
             remaining.append(budgets[i] - len(gen))
