@@ -14,6 +14,13 @@ scripts/bench_gguf.py builds (cached under $LORAX_CACHE/bench); the adapter a ra
 LoRA whose lorax.json says NF4 + double quant, written by lorax's own record code, with 200 chat rows of
 "training data" (the importance matrix calibrates on them) and 16 held-out rows for the gate. Targets
 (issue 18): lorax's total <= 3x the peer's time, peak RSS <= 1.5x the peer's peak.
+
+--precision is what the adapter's lorax.json records about training, as `lorax train` writes it:
+  bf16     compute and load dtype bfloat16: `lorax train` on a bf16-capable GPU (train/model.py
+           auto_compute_dtype), and the usual QLoRA recipe (bnb_4bit_compute_dtype=bfloat16). The merge,
+           the GGUF source and the control are bf16, as training computed.
+  float32  compute and load dtype float32: `lorax train` on a CPU. Everything exact is float32 (4.7 GB at
+           1.18B, more than 1.5x the peer's whole peak on its own).
 """
 
 from __future__ import annotations
@@ -89,8 +96,13 @@ def adapter_config(base: Path) -> dict:
             "fan_in_fan_out": False, "base_model_name_or_path": str(base), "modules_to_save": None}
 
 
-def build_adapter(base: Path, out: Path) -> Path:
-    """A random rank-16 LoRA on every linear layer, saved as PEFT does, with lorax.json from lorax's record code."""
+# --precision -> the dtype `lorax train` records for compute and load (both the same, as it trains)
+PRECISIONS = {"bf16": "bfloat16", "float32": "float32"}
+
+
+def build_adapter(base: Path, out: Path, dtype: str) -> Path:
+    """A random rank-16 LoRA on every linear layer, saved as PEFT does, with lorax.json from lorax's record code
+    saying training computed (and loaded the base) in `dtype`."""
     from safetensors.torch import save_file
 
     from lorax_common import record
@@ -105,7 +117,7 @@ def build_adapter(base: Path, out: Path) -> Path:
     train.write_text("".join(json.dumps(r) + "\n" for r in rows(200)))
     (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(16, offset=500)))
     quant = {"method": "bnb-4bit", "quant_type": "nf4", "blocksize": 64, "double_quant": True,
-             "compute_dtype": "float32", "quant_storage": "uint8", "load_dtype": "bfloat16"}
+             "compute_dtype": dtype, "quant_storage": "uint8", "load_dtype": dtype}
     lora = {"r": RANK, "alpha": ALPHA, "dropout": 0.0, "target_modules": TARGETS, "use_rslora": False,
             "modules_to_save": None}
     data = {"path": str(out / "train.jsonl"), "sha256": "", "format": "messages", "eval_fraction": 0.0,
@@ -153,6 +165,8 @@ def peer_side(base: Path, adapter: Path, work: Path, converter: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16",
+                    help="what training computed in, as recorded in the adapter's lorax.json (see above)")
     ap.add_argument("--converter", help="llama.cpp's convert_hf_to_gguf.py (default: from the llama-cpp-python sdist)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -163,14 +177,14 @@ def main() -> None:
     if converter is None:
         raise SystemExit("llama.cpp's convert_hf_to_gguf.py not found; pass --converter")
     base = bench_gguf.bench_model(hf_dir())
-    adapter = build_adapter(base, bench_gguf.CACHE / "adapter-1.18b")
+    adapter = build_adapter(base, bench_gguf.CACHE / f"adapter-1.18b-{args.precision}", PRECISIONS[args.precision])
     with tempfile.TemporaryDirectory(dir=bench_gguf.CACHE) as work:
         work = Path(work)
         peer = peer_side(base, adapter, work, converter)
         ours = lorax_side(adapter, work / "dist", args.samples)
     peer_s = sum(s["seconds"] for s in peer.values())
     peer_rss = max(s["peak_rss_gb"] for s in peer.values())
-    print(f"model {base.name}, {args.samples} gate samples")
+    print(f"model {base.name}, adapter trained in {args.precision}, {args.samples} gate samples")
     for name, s in peer.items():
         print(f"  peer  {name:28s} {s['seconds']:7.1f} s   peak RSS {s['peak_rss_gb']:.2f} GB")
     print(f"  peer  {'total (no check)':28s} {peer_s:7.1f} s   peak RSS {peer_rss:.2f} GB")
@@ -181,8 +195,8 @@ def main() -> None:
     ratio_t, ratio_m = ours["seconds"] / peer_s, ours["peak_rss_gb"] / peer_rss
     print(f"lorax / peer: time {ratio_t:.2f}x (target <= 3), peak RSS {ratio_m:.2f}x (target <= 1.5)")
     if args.json:
-        args.json.write_text(json.dumps({"peer": peer, "lorax": ours, "ratios": {"time": ratio_t, "rss": ratio_m}},
-                                        indent=2) + "\n")
+        out = {"precision": args.precision, "peer": peer, "lorax": ours, "ratios": {"time": ratio_t, "rss": ratio_m}}
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
