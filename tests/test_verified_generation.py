@@ -109,7 +109,65 @@ def test_session_checks_any_candidates_into_the_runner_s_own_tokens(runner, own,
     assert (how["continued"] == 0) == (case == "own")
 
 
-def test_session_is_refused_for_sliding_window_attention(tiny_model_factory):
+def test_session_is_refused_for_sliding_window_attention(tiny_model_factory, tmp_path):
+    from formats.gguf.export import export_gguf
+    from formats.gguf.runner import GGUFRunner
     from formats.hf.runner import HFRunner
 
-    assert HFRunner(tiny_model_factory(arch="gemma3")).cache_session(2) is None
+    gemma = tiny_model_factory(arch="gemma3")
+    assert HFRunner(gemma).cache_session(2) is None
+    (f,) = export_gguf(gemma, tmp_path, ["f32"])
+    with GGUFRunner(f.path, n_threads=1) as g:
+        assert not g.can_session()  # removing positions from llama.cpp's sliding-window cache is not exact
+
+
+# --- GGUF files in llama.cpp: formats.gguf.batch.Session (one KV stream per row) ---
+
+
+@pytest.fixture(scope="module")
+def gguf(tiny_model_dir, tmp_path_factory):
+    from formats.gguf.export import export_gguf
+    from formats.gguf.runner import GGUFRunner
+
+    (f,) = export_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf"), ["q8_0"])
+    with GGUFRunner(f.path, n_threads=1) as g:
+        yield g
+
+
+def test_gguf_session_gives_the_runner_s_own_logits_and_greedy_tokens(gguf):
+    """Teacher-forced logits bit for bit as the runner computes them one row at a time, and the greedy tokens
+    of batched decoding after a prompt-only prefill, though decoding starts from inside the teacher-forced
+    cells (each row rewound to its prompt by removing its later positions)."""
+    from exporter.gate.evaluate import batched_generations, batched_logits
+    from exporter.gate.session_outputs import session_outputs
+
+    samples = _samples()
+    logits, gens, how = session_outputs(gguf, samples, BUDGETS, vocab=512)
+    assert how is None and gens == batched_generations(gguf, PROMPTS, BUDGETS, vocab=512)
+    assert gens == [gguf.generate(p, b) for p, b in zip(PROMPTS, BUDGETS, strict=True)]
+    for a, b in zip(logits, batched_logits(gguf, [s.ids for s in samples], 512), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_gguf_session_fails_when_a_rewind_keeps_the_answer(gguf, monkeypatch):
+    """A planted fault: keep() that leaves the teacher-forced answer in the cache. llama.cpp refuses a token
+    whose position does not follow its sequence's last one, so it cannot decode on silently."""
+    import llama_cpp
+
+    from exporter.gate.session_outputs import session_outputs
+    from formats.errors import FormatError
+
+    monkeypatch.setattr(llama_cpp, "llama_memory_seq_rm", lambda *a: True)
+    with pytest.raises(FormatError, match="llama_decode failed"):
+        session_outputs(gguf, _samples(), BUDGETS, vocab=512)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gguf_session_checks_any_candidates_into_the_runner_s_own_tokens(gguf, case):
+    from exporter.gate.evaluate import batched_generations
+    from exporter.gate.session_outputs import session_outputs
+
+    own = batched_generations(gguf, PROMPTS, BUDGETS, vocab=512)
+    _, gens, how = session_outputs(gguf, _samples(), BUDGETS, 512, _candidates(case, own, seed=1))
+    assert gens == own
+    assert (how["continued"] == 0) == (case == "own")

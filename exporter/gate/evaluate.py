@@ -124,7 +124,7 @@ def run_outputs(runner, samples: list[Sample], tokenizer, gen_tokens: int, desc:
     verified_generations."""
     budgets = [gen_budget(s, tokenizer, gen_tokens) for s in samples]
     vocab = max(len(tokenizer), 1)
-    if samples and getattr(runner, "cache_session", None) is not None and runner.cache_session(1) is not None:
+    if samples and getattr(runner, "can_session", lambda: False)():
         from exporter.gate.session_outputs import session_outputs
 
         with progress(total=2 * len(samples), desc=desc, leave=False, unit="row") as bar:

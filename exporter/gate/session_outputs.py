@@ -3,7 +3,8 @@ the prompt of every sample is computed once, not again as a prefill for decoding
 
     logits, gens, how = session_outputs(runner, samples, budgets, vocab, candidates)
 
-Used by evaluate.run_outputs for runners that offer cache_session() (HF models, the reference included). The steps
+Used by evaluate.run_outputs for runners whose can_session() says yes (HF models, the reference included,
+and GGUF files in llama.cpp: formats.gguf.batch.Session). The steps
 are those of evaluate.batched_generations / verified_generations, from inside the cache: after the
 teacher-forced pass each row is rewound to its prompt, and the logits at the prompt's last position are
 the first greedy step. With `candidates`, they are fed after the prompt in one step and checked (the
@@ -26,23 +27,32 @@ def session_outputs(runner, samples, budgets: list[int], vocab: int, candidates=
     held = 0
     widest = max(budgets, default=0) + max((len(c) for c in candidates or []), default=0)
     for group in plan_batches([len(s.ids) + widest for s in samples], vocab, batch_budget()):
-        sess = runner.cache_session(len(group))
-        for i, lg in zip(group, sess.feed([samples[i].ids for i in group]), strict=True):
-            logits[i] = lg
-        prompts = [len(samples[i].prompt_ids) for i in group]
-        for r, n in enumerate(prompts):
-            sess.keep(r, n)
-        first = [logits[i][n - 1] for i, n in zip(group, prompts, strict=True)]
-        if candidates is None:
-            out = _decode(sess, list(range(len(group))), None, first, [budgets[i] for i in group], runner.stop)
-            for i, g in zip(group, out, strict=True):
-                gens[i] = g
-        else:
-            held += _verify(sess, group, first, candidates, budgets, runner.stop, gens)
+        sess = runner.cache_session(len(group), max(len(samples[i].ids) for i in group) + widest)
+        try:
+            held += _group(sess, group, samples, budgets, candidates, runner.stop, logits, gens)
+        finally:
+            sess.close()
         if bar is not None:
             bar.update(2 * len(group))
     how = None if candidates is None else {"rows": len(samples), "verified": held, "continued": len(samples) - held}
     return logits, gens, how
+
+
+def _group(sess, group, samples, budgets, candidates, stop, logits, gens) -> int:
+    """One batch's teacher-forced pass, then its generations from inside the cache. Returns the rows whose
+    candidate held (0 without candidates)."""
+    for i, lg in zip(group, sess.feed([samples[i].ids for i in group]), strict=True):
+        logits[i] = lg
+    prompts = [len(samples[i].prompt_ids) for i in group]
+    for r, n in enumerate(prompts):
+        sess.keep(r, n)
+    first = [logits[i][n - 1] for i, n in zip(group, prompts, strict=True)]
+    if candidates is not None:
+        return _verify(sess, group, first, candidates, budgets, stop, gens)
+    for i, g in zip(group, _decode(sess, list(range(len(group))), None, first, [budgets[i] for i in group], stop),
+                    strict=True):
+        gens[i] = g
+    return 0
 
 
 def _verify(sess, group, first, candidates, budgets, stop, gens) -> int:

@@ -112,6 +112,21 @@ class GGUFRunner:
 
         return generate_many(self.llm, [list(p) for p in prompts], n, self.stop, seq_cap=self.seq_cap)
 
+    def can_session(self) -> bool:
+        """Whether cache_session decodes exactly: not where llama.cpp's context must stay short (Phi-3
+        longrope) or its cache is a sliding window (removing positions from it is not exact)."""
+        import llama_cpp
+
+        return not self.seq_cap and llama_cpp.llama_model_n_swa(self.llm.model) == 0
+
+    def cache_session(self, rows: int, cells: int):
+        """`rows` sequences of up to `cells` tokens on this model, each in its own KV stream: teacher-forced
+        logits, then greedy decoding from inside them (formats.gguf.batch.Session), or None where
+        can_session() says no."""
+        from formats.gguf.batch import Session
+
+        return Session(self.llm, rows, cells) if self.can_session() else None
+
     def close(self) -> None:
         """Free the model now (llama-cpp-python's finalizer fails if it only runs at interpreter exit)."""
         if getattr(self, "llm", None) is not None:

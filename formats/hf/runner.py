@@ -111,17 +111,19 @@ class HFRunner:
         with contiguous_head_input(self.model):
             return greedy_batch(step, n, len(prompts), self.stop)
 
-    def cache_session(self, rows: int):
-        """A KV cache for `rows` rows that decodes from inside teacher-forced logits (formats.hf.session), or
-        None for models with sliding-window attention: rewound rows leave masked columns behind, and a window
-        counted in columns would then reach less far back than the model's."""
-        from formats.hf.session import CacheSession
-
+    def can_session(self) -> bool:
+        """Whether cache_session decodes exactly: not for models with sliding-window attention, where rewound
+        rows leave masked columns behind and a window counted in columns would reach less far back."""
         cfg = self.model.config
         cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        if getattr(cfg, "sliding_window", None) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
-            return None
-        return CacheSession(self.model, rows, self._pad)
+        return not (getattr(cfg, "sliding_window", None) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()))
+
+    def cache_session(self, rows: int, cells: int = 0):
+        """A KV cache for `rows` rows that decodes from inside teacher-forced logits (formats.hf.session), or
+        None where can_session() says no. `cells`: unused (the cache grows with what is fed)."""
+        from formats.hf.session import CacheSession
+
+        return CacheSession(self.model, rows, self._pad) if self.can_session() else None
 
     @property
     def _pad(self) -> int:

@@ -50,6 +50,9 @@ class CacheSession:
             self.live[r] += range(base, base + len(t))
         return [out.logits[r, :len(t)].float().numpy() for r, t in enumerate(tokens)]
 
+    def close(self) -> None:
+        self.cache = None
+
     def keep(self, row: int, n: int) -> None:
         """Rewind `row` to the first `n` tokens of its prefix."""
         dropped, self.live[row] = self.live[row][n:], self.live[row][:n]
