@@ -95,10 +95,12 @@ def reference_runner(source: str | Path, opts: GateOptions):
 
 def lora_pairing(lora: Path, floor) -> Target:
     """The same LoRA GGUF over a GGUF of the original base: ungated, to show the cost of the wrong base."""
+    from exporter.gate.targets import gguf_context
     from formats.gguf.runner import GGUFRunner
 
-    def opener():
-        return GGUFRunner(floor.original_base_gguf(), lora_path=lora, name=f"original base + {lora.name}")
+    def opener(tokens: int | None):
+        return GGUFRunner(floor.original_base_gguf(), lora_path=lora, name=f"original base + {lora.name}",
+                          **gguf_context(tokens))
 
     return Target(f"original-base + {lora.name}", "gguf", "f32", lora, lora=lora, gated=False, opener=opener,
                   note="the LoRA over a GGUF of the original (unquantized) base, the naive merge "

@@ -95,6 +95,12 @@ class Yardstick:
     def accuracy(self, gens: list[list[int]]) -> float | None:
         return task_accuracy(gens, self.samples, self.tokenizer)
 
+    def longest(self) -> int:
+        """The longest sequence a runner sees on these samples: a whole sample (teacher-forced) or a prompt
+        and its greedy budget."""
+        return max((max(len(s.ids), len(s.prompt_ids) + gen_budget(s, self.tokenizer, self.gen_tokens))
+                    for s in self.samples), default=1)
+
 
 def gen_budget(sample: Sample, tokenizer, gen_tokens: int) -> int:
     """Tokens to generate: enough for the greedy-match window and for the reference answer."""
@@ -232,7 +238,7 @@ def run_target(target: Target, yard: Yardstick):
     """(tokenizer mismatch or None, logits, generations) of one target, loaded for this call only."""
     from lorax_common.memory import release
 
-    runner = target.open()
+    runner = target.open(yard.longest())
     try:
         mismatch = tokenizer_mismatch(runner, yard.samples)
         out = yard.outputs(runner, target.name)

@@ -158,9 +158,10 @@ class Floor:
         from exporter.gate.targets import open_runner
         from lorax_common.memory import release
 
-        runner = open_runner(fmt, path, name=f"probe:{path.name}")
+        seqs = [s.ids for s in self.samples]
+        runner = open_runner(fmt, path, name=f"probe:{path.name}", tokens=max(map(len, seqs), default=1))
         try:
-            return batched_logits(runner, [s.ids for s in self.samples], self.vocab)
+            return batched_logits(runner, seqs, self.vocab)
         finally:
             runner.close()
             release()

@@ -30,21 +30,33 @@ class Target:
     # False: measured and shown in the report, labelled with `note`, but never fails the gate
     gated: bool = True
     note: str = ""
-    opener: Callable[[], Runner] | None = None  # overrides the default loader (e.g. a file built lazily)
+    # overrides the default loader (e.g. a file built lazily); called with open()'s `tokens`
+    opener: Callable[[int | None], Runner] | None = None
 
-    def open(self) -> Runner:
+    def open(self, tokens: int | None = None) -> Runner:
+        """Load the artifact. `tokens`: the longest sequence it will run, when known (gguf_context)."""
         if self.opener is not None:
-            return self.opener()
-        return open_runner(self.format, self.path, name=self.name, lora=self.lora, dtype=self.dtype)
+            return self.opener(tokens)
+        return open_runner(self.format, self.path, name=self.name, lora=self.lora, dtype=self.dtype, tokens=tokens)
+
+
+def gguf_context(tokens: int | None) -> dict:
+    """GGUFRunner's context for sequences of up to `tokens` (None: its default). llama-cpp-python's context
+    holds n_ctx cells of KV cache for every layer, 4096 by default: at 1.18B (22 layers x 4 KV heads x 64,
+    f32 K and V: 44 KB a cell) that is 185 MB, where the gate's samples (a few hundred tokens) need 512
+    cells, 23 MB."""
+    from formats.gguf.batch import stream_cells
+
+    return {} if tokens is None else {"n_ctx": stream_cells(tokens)}
 
 
 def open_runner(fmt: str, path: Path, name: str | None = None, lora: Path | None = None,
-                dtype: str = "float32") -> Runner:
-    """A loaded runner of one artifact (format already known)."""
+                dtype: str = "float32", tokens: int | None = None) -> Runner:
+    """A loaded runner of one artifact (format already known); `tokens` sizes a GGUF's context."""
     if fmt == "gguf":
         from formats.gguf.runner import GGUFRunner
 
-        return GGUFRunner(path, lora_path=lora, name=name)
+        return GGUFRunner(path, lora_path=lora, name=name, **gguf_context(tokens))
     if fmt == "onnx":
         from formats.onnx.runner import ONNXRunner
 
