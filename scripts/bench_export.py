@@ -143,6 +143,8 @@ def lorax_side(adapter: Path, dist: Path, samples: int) -> dict:
     wall, rss = result["wall"], result["rss"]
     report = json.loads((dist / "report.json").read_text())
     return {"seconds": wall, "peak_rss_gb": rss / 1e9, "stages": report["timing"]["stages"],
+            # the process's high-water mark as each stage ended: the first stage that shows the peak set it
+            "rss_after_gb": {k: v * 2**20 / 1e9 for k, v in report["timing"].get("peak_rss_after_mib", {}).items()},
             "gate_passed": report["passed"],
             "targets": {t["name"]: {k: t["metrics"].get(k) for k in ("kld_mean", "top1")} for t in report["targets"]}}
 
@@ -189,7 +191,8 @@ def main() -> None:
         print(f"  peer  {name:28s} {s['seconds']:7.1f} s   peak RSS {s['peak_rss_gb']:.2f} GB")
     print(f"  peer  {'total (no check)':28s} {peer_s:7.1f} s   peak RSS {peer_rss:.2f} GB")
     for name, secs in ours["stages"].items():
-        print(f"  lorax {name:28s} {secs:7.1f} s")
+        mark = ours["rss_after_gb"].get(name)
+        print(f"  lorax {name:28s} {secs:7.1f} s" + (f"   RSS high-water {mark:.2f} GB" if mark else ""))
     print(f"  lorax {'total (with the gate)':28s} {ours['seconds']:7.1f} s   peak RSS {ours['peak_rss_gb']:.2f} GB"
           f"   gate {'passed' if ours['gate_passed'] else 'failed'}")
     ratio_t, ratio_m = ours["seconds"] / peer_s, ours["peak_rss_gb"] / peer_rss

@@ -183,3 +183,25 @@ def test_bfloat16_forward_gives_the_matrix_within_bf16_rounding(tiny_model_dir, 
     rel = {k: np.abs(a[k] - b[k]) / np.abs(a[k]) for k in a}
     print({k: (float(np.median(r)), float(r.max())) for k, r in rel.items()})
     assert all(np.median(r) < 0.02 and r.max() < 0.1 for r in rel.values())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_16_bit_checkpoint_computes_in_float32_bit_for_bit_in_half_the_memory(tiny_model_factory, seqs, tie):
+    """Without native bf16 the forward runs in float32 (compute_dtype). A bf16 merge then keeps its linear
+    weights in bf16, each upcast for its own forward (formats.hf.load.load_float32_compute): every sum equal
+    to a float32 load's, with the weights at 2 bytes a value (1.18B bench merge, 4 x 256 tokens: the same
+    155 tensors bit for bit, peak RSS 5.6 -> 3.0 GB, 37 -> 25 s)."""
+    from formats.hf.load import load_causal_lm, load_float32_compute
+
+    d = tiny_model_factory(dtype="bfloat16", tie_word_embeddings=tie)
+    full = load_causal_lm(d, "float32")
+    want = collect_imatrix(d, seqs, token_budget=150, progress=False, model=full).values()
+    got = collect_imatrix(d, seqs, token_budget=150, progress=False, dtype="float32").values()
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+    lean = load_float32_compute(d)
+    linear = [m.weight for m in lean.modules() if isinstance(m, torch.nn.Linear) and m.weight.ndim == 2]
+    assert {w.dtype for w in linear} == ({torch.bfloat16, torch.float32} if tie else {torch.bfloat16})
+    assert all(p.dtype == torch.float32 for n, p in lean.named_parameters() if "norm" in n or "embed" in n)
+    ids = torch.tensor([seqs[0]])
+    with torch.inference_mode():
+        assert torch.equal(full(ids).logits, lean(ids).logits)  # the head too, tied or not

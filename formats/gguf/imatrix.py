@@ -108,9 +108,10 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
     cfg = read_config(Path(hf_dir))
     spec = arch_spec(cfg)
     if model is None:
-        from formats.hf.load import load_causal_lm
+        from formats.hf.load import load_causal_lm, load_float32_compute
 
-        model = load_causal_lm(hf_dir, dtype or compute_dtype())
+        dtype = dtype or compute_dtype()
+        model = load_float32_compute(hf_dir) if dtype == "float32" else load_causal_lm(hf_dir, dtype)
     model.eval()
     head = model.get_output_embeddings()
     tied = hparams(cfg).tied
