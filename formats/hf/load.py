@@ -64,8 +64,8 @@ def load_causal_lm(hf_dir: str | Path, dtype: str):
 def load_float32_compute(hf_dir: str | Path):
     """The model computing in float32, as load_causal_lm(hf_dir, "float32") computes, bit for bit. Where every
     floating tensor of the checkpoint is bf16 (or every one f16), nn.Linear weights stay in that dtype and are
-    upcast per forward (1.18B: 2.4 GB resident instead of 4.7 GB, plus the widest weight's float32 copy while
-    it runs); everything else (embeddings, norms, buffers) is float32, so activations are float32 throughout."""
+    upcast per forward (1.18B: 2.4 GB resident instead of 4.7 GB, plus the running weight's float32 copy);
+    everything else (embeddings, norms, buffers) is float32, so activations are float32 throughout."""
     import torch
 
     stored = checkpoint_dtypes(Path(hf_dir)) - {"other"}
@@ -74,7 +74,7 @@ def load_float32_compute(hf_dir: str | Path):
     model = load_causal_lm(hf_dir, stored.pop())
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear):
-            mod.forward = _upcasting_forward.__get__(mod)  # this instance only: the class stays untouched
+            mod.forward = _upcasting_forward(mod)  # this instance only: the class stays untouched
             continue
         for group in (mod._parameters, mod._buffers):
             for t in group.values():
@@ -83,8 +83,18 @@ def load_float32_compute(hf_dir: str | Path):
     return model
 
 
-def _upcasting_forward(self, x):
+def _upcasting_forward(mod):
+    """mod's forward on its weight upcast to float32. It holds mod weakly: a module whose own attribute referred
+    back to it would be a reference cycle, and every layer of a 1.18B model in one would stay resident until
+    a full collection."""
+    import weakref
+
     import torch.nn.functional as F
 
-    bias = None if self.bias is None else self.bias.float()
-    return F.linear(x, self.weight.float(), bias)
+    ref = weakref.ref(mod)
+
+    def forward(x):
+        m = ref()
+        return F.linear(x, m.weight.float(), None if m.bias is None else m.bias.float())
+
+    return forward
