@@ -49,16 +49,18 @@ def measure(candidates: Sequence[Candidate], inter: Path, work: Path, yard: Yard
     """Quantize every candidate from `inter` and measure it on `yard` against the reference outputs `ref`
     (one file on disk at a time unless `keep`)."""
     from exporter.gate import metrics
+    from exporter.gate.targets import gguf_context
     from formats.gguf.quantize import quantize_gguf
     from formats.gguf.runner import GGUFRunner
     from lorax_common.log import progress
 
     out = []
     gen_tokens = yard.gen_tokens
+    longest = yard.longest()  # every candidate's context sized as the gate sizes its targets'
     for c in progress(candidates, desc="quant candidates", unit="file", enabled=show_progress):
         path = work / f"cand-{c.name.replace('+', '_').replace('=', '-').replace(',', '')}.gguf"
         quantize_gguf(inter, path, c.qtype, force=True, recipe=c.recipe)
-        runner = GGUFRunner(path, name=c.name)
+        runner = GGUFRunner(path, name=c.name, **gguf_context(longest))
         try:
             got = yard.outputs(runner, c.name)  # batched, as the gate measures the file it ships
         finally:
