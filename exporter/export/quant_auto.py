@@ -65,7 +65,8 @@ def measure(candidates: Sequence[Candidate], inter: Path, work: Path, yard: Yard
             got = yard.outputs(runner, c.name)  # batched, as the gate measures the file it ships
         finally:
             runner.close()
-        m = metrics.compare(ref.logits, got.logits, [s.ids for s in yard.samples]).as_dict()
+        m = metrics.compare(ref.logits, got.logits, [s.ids for s in yard.samples],
+                            [s.scored for s in yard.samples]).as_dict()
         m["greedy_match"] = metrics.greedy_match([g[:gen_tokens] for g in ref.generations],
                                                  [g[:gen_tokens] for g in got.generations])
         acc = yard.accuracy(got.generations)

@@ -280,7 +280,8 @@ def _evaluate(target: Target, yard: Yardstick, ref: RefOutputs, ref_accuracy: fl
         failures.append(f"vocab: target has {logits[0].shape[-1]} logits per position, reference "
                         f"{ref.logits[0].shape[-1]}")
         return _result(target, {}, limits_for(target.format, target.dtype, overrides), failures)
-    parity, klds = metrics.compare_positions(ref.logits, logits, [s.ids for s in samples])
+    parity, klds = metrics.compare_positions(ref.logits, logits, [s.ids for s in samples],
+                                             [s.scored for s in samples])
     limits = limits_for(target.format, target.dtype, overrides, positions=parity.positions)
     untested = [f"{k}: {parity.positions} positions < {MIN_TAIL_POSITIONS}" for k in TAIL_METRICS
                 if k in limits_for(target.format, target.dtype) and k not in limits]

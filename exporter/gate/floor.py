@@ -199,7 +199,8 @@ class Floor:
             merged = self.merged()
             dtype = control_type(fmt, merged)
             path = build(fmt, merged, dtype, self.work, "control")
-        parity = metrics.compare(ref.logits, self._logits(fmt, path), [s.ids for s in self.samples])
+        parity = metrics.compare(ref.logits, self._logits(fmt, path), [s.ids for s in self.samples],
+                                 [s.scored for s in self.samples])
         m = parity.as_dict()
         limits = limits_for(fmt, dtype, positions=parity.positions)
         self._controls[fmt] = Control(fmt, dtype, m, limits, violations(m, limits))
@@ -229,7 +230,8 @@ class Floor:
             self._base_logits = self._logits("hf", base)
         path = build(fmt, base, key[1], self.work, "floor", recipe=recipe)
         self._floors[key] = metrics.compare(self._base_logits, self._logits(fmt, path),
-                                            [s.ids for s in self.samples]).as_dict()
+                                            [s.ids for s in self.samples],
+                                            [s.scored for s in self.samples]).as_dict()
         _remove(path)
         store.remember(ref_key, name, self._floors[key])
         return self._floors[key]

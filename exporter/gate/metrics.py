@@ -79,34 +79,46 @@ class Parity:
     ppl_target: float
     ppl_ratio: float
     positions: int
+    ppl_positions: int  # predicted tokens the perplexities cover (those training scores; see compare)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
-def _sequence(ref: np.ndarray, tgt: np.ndarray, ids: Sequence[int]) -> tuple[np.ndarray, ...]:
+def _sequence(ref: np.ndarray, tgt: np.ndarray, ids: Sequence[int],
+              scored: Sequence[bool] | None) -> tuple[np.ndarray, ...]:
     """(KLD per position, top-1 agreement, max |Δlogit|, NLL ref, NLL target) of one sequence, each
-    log-softmax computed once (the same numbers as kld_per_position and nll, row by row)."""
+    log-softmax computed once (the same numbers as kld_per_position and nll, row by row); the NLLs only of
+    the ids `scored` marks (all ids[1:] when None)."""
     _check_shapes(ref, tgt)
     ids = np.asarray(ids)
     if ref.shape[0] != ids.shape[0]:
         raise ValueError(f"logits cover {ref.shape[0]} positions but there are {ids.shape[0]} ids")
     p, q = log_softmax(ref), log_softmax(tgt)
     kld = np.maximum((np.exp(p) * (p - q)).sum(axis=-1), 0.0)
-    rows, nxt = np.arange(len(ids) - 1), ids[1:]
+    rows = np.arange(len(ids) - 1)
+    if scored is not None:
+        if len(scored) != len(ids):
+            raise ValueError(f"the scored mask has {len(scored)} entries but there are {len(ids)} ids")
+        rows = rows[np.asarray(scored[1:], dtype=bool)]
+    nxt = ids[rows + 1]
     return kld, ref.argmax(-1) == tgt.argmax(-1), max_abs_logit(ref, tgt), -p[rows, nxt], -q[rows, nxt]
 
 
 def compare_positions(
-    ref: Sequence[np.ndarray], tgt: Sequence[np.ndarray], ids: Sequence[Sequence[int]]
+    ref: Sequence[np.ndarray], tgt: Sequence[np.ndarray], ids: Sequence[Sequence[int]],
+    scored: Sequence[Sequence[bool] | None] | None = None,
 ) -> tuple[Parity, np.ndarray]:
     """compare(), plus the per-position KLD it pooled (the gate's plot), computed in the same pass."""
     if not (len(ref) == len(tgt) == len(ids)) or not ref:
         raise ValueError("compare needs the same non-zero number of reference, target and id sequences")
+    scored = list(scored) if scored is not None else [None] * len(ids)
+    if len(scored) != len(ids):
+        raise ValueError("compare needs one scored mask (or None) per id sequence")
     # one sequence per core: numpy releases the GIL in these array passes, and sequences are independent
     # (the same numbers as a serial loop)
     with ThreadPoolExecutor(min(len(ref), os.cpu_count() or 1)) as pool:
-        parts = list(pool.map(_sequence, ref, tgt, ids))
+        parts = list(pool.map(_sequence, ref, tgt, ids, scored))
     klds = np.concatenate([p[0] for p in parts])
     agree = np.concatenate([p[1] for p in parts])
     mal = max(p[2] for p in parts)
@@ -123,14 +135,18 @@ def compare_positions(
         ppl_target=ppl_t,
         ppl_ratio=ppl_t / ppl_r,
         positions=int(klds.size),
+        ppl_positions=int(nll_r.size),
     ), klds
 
 
 def compare(
-    ref: Sequence[np.ndarray], tgt: Sequence[np.ndarray], ids: Sequence[Sequence[int]]
+    ref: Sequence[np.ndarray], tgt: Sequence[np.ndarray], ids: Sequence[Sequence[int]],
+    scored: Sequence[Sequence[bool] | None] | None = None,
 ) -> Parity:
-    """Parity over several sequences: per-position metrics pooled, PPL over all predicted tokens."""
-    return compare_positions(ref, tgt, ids)[0]
+    """Parity over several sequences: per-position metrics (KLD, top-1, |Δlogit|) pooled over every
+    position; PPL pooled over the predicted tokens `scored` marks per sequence (samples.Sample.scored: the
+    tokens training's loss scores), every predicted token of a sequence whose mask is None."""
+    return compare_positions(ref, tgt, ids, scored)[0]
 
 
 def _check_shapes(a: np.ndarray, b: np.ndarray) -> None:

@@ -94,9 +94,18 @@ def to_markdown(report: Report) -> str:
         from lorax_common.timing import summary_line
 
         lines += ["", f"Time: {summary_line(report.timing)}"]
-    lines += ["", "Thresholds in parentheses; KLD = Σ p_ref·(log p_ref − log p_target) per position.",
-              "![per-position KLD](kld.svg)", ""]
+    lines += ["", "Thresholds in parentheses; KLD = Σ p_ref·(log p_ref − log p_target) per position. "
+              + ppl_scope(report), "![per-position KLD](kld.svg)", ""]
     return "\n".join(lines)
+
+
+def ppl_scope(report: Report) -> str:
+    """What the PPL ratio was taken over (samples.Sample.scored)."""
+    m = next((t.metrics for t in report.targets if "ppl_positions" in t.metrics), None)
+    if m is None or m["ppl_positions"] == m["positions"] - report.samples:
+        return "PPL over every predicted token."
+    return (f"PPL over the {m['ppl_positions']} predicted tokens training's loss scores (assistant turns, "
+            "completions), not the prompts the model reads.")
 
 
 def kld_svg(report: Report, width: int = 900, height: int = 320) -> str:

@@ -41,6 +41,10 @@ class Sample:
     prompt_ids: list[int]         # ids the model is prompted with for generation
     answer: str | None = None     # expected completion (for the task metric), if the record has one
     source: dict = field(default_factory=dict)
+    # per id, whether training's loss scores it (train.data's rule: assistant turns with their end-of-turn
+    # marker, completions); None: every token (plain text, a record training would not train on, or a
+    # tokenizer without offsets). The gate's perplexity is taken over these tokens.
+    scored: list[bool] | None = None
 
 
 def render(row: dict, tokenizer) -> tuple[str, str, str | None]:
@@ -71,6 +75,37 @@ def load_rows(prompts: str | Path | None, adapter_dir: str | Path | None = None)
     return list(PROBES), "built-in probes"
 
 
+def scored_tokens(row: dict, full: str, tokenizer, n: int) -> list[bool] | None:
+    """Which of the first `n` ids of `full` training's loss scores (train.data.chat_segments and label_tokens,
+    the very rule `lorax train` masks labels with), or None when that is every token.
+
+    Why the gate needs it: a chat model never produces its prompt. Prompt tokens are read, not sampled, and
+    a loss-masked fine-tune never fits them, so many sit deep in the reference's tail (SmolLM2 demo: the
+    `<|im_start|>` that ends a user turn, words of the default system prompt, reference NLL 5-10), where a
+    quantized file's logit noise moves the NLL by nats either way. Perplexity over them measured that
+    noise, not the text the model writes."""
+    from train.data import chat_segments, label_tokens
+    from train.errors import TrainError
+
+    if "messages" in row:
+        try:
+            _, spans = chat_segments(row["messages"], tokenizer)
+        except TrainError:
+            return None  # the template renders a turn differently from its prefix: training refused it too
+    elif "prompt" in row and "completion" in row:
+        spans = [(len(row["prompt"]), len(full) + 1)]
+    else:
+        return None
+    if not spans:
+        return None
+    try:
+        offsets = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except NotImplementedError:  # a slow (python) tokenizer has no offsets
+        return None
+    mask = label_tokens(list(offsets), spans)[:n]
+    return mask if any(mask[1:]) else None  # the first id is never predicted
+
+
 def build(rows: list[dict], tokenizer, max_samples: int | None = None, max_len: int = 1024) -> list[Sample]:
     # Special tokens come from the rendered text itself (chat templates write BOS/<|im_start|>), so do
     # not let the tokenizer add another BOS on top.
@@ -81,7 +116,8 @@ def build(rows: list[dict], tokenizer, max_samples: int | None = None, max_len: 
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:max_len]
         if len(ids) < 2:
             continue
-        out.append(Sample(text=full, ids=list(ids), prompt_ids=list(p_ids), answer=answer, source=row))
+        out.append(Sample(text=full, ids=list(ids), prompt_ids=list(p_ids), answer=answer, source=row,
+                          scored=scored_tokens(row, full, tokenizer, len(ids))))
     if not out:
         raise ValueError("no usable prompts (every record rendered to fewer than 2 tokens)")
     return out
