@@ -19,13 +19,14 @@ EVAL_EXAMPLES = [
 ]
 
 
-def load_base(base_dir: Path, trained_on: str = "nf4", double_quant: bool = False, load_dtype: str = "float32"):
-    """The base as training loads it (lorax_common.base_as_trained): bnb 4-bit (float32 compute) or plain."""
+def load_base(base_dir: Path, trained_on: str = "nf4", double_quant: bool = False, load_dtype: str = "float32",
+              compute_dtype: str = "float32"):
+    """The base as training loads it (lorax_common.base_as_trained): bnb 4-bit or plain."""
     from lorax_common import base_as_trained
     from lorax_common.record import Quantization
 
     q = Quantization("none") if trained_on == "none" else Quantization(
-        "bnb-4bit", trained_on, double_quant=double_quant, compute_dtype="float32")
+        "bnb-4bit", trained_on, double_quant=double_quant, compute_dtype=compute_dtype)
     return base_as_trained.load(base_dir, q, load_dtype)
 
 
@@ -40,6 +41,7 @@ class LoraSpec:
     seed: int = 0
     lorax_json: bool = True  # False: a plain PEFT dir (the reader must be told --trained-on)
     load_dtype: str = "float32"
+    compute_dtype: str = "float32"  # bnb_4bit_compute_dtype (bfloat16: training on a bf16 GPU)
     std: float = 0.1
     peft_config: Any = None  # a full LoraConfig instead of the fields above
     extra: dict = field(default_factory=dict)  # further LoraConfig keywords (lora_bias, modules_to_save, ...)
@@ -52,7 +54,7 @@ def make_adapter(base_dir: Path, out_dir: Path, trained_on: str = "nf4", double_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    base = load_base(base_dir, trained_on, double_quant, spec.load_dtype)
+    base = load_base(base_dir, trained_on, double_quant, spec.load_dtype, spec.compute_dtype)
     config = spec.peft_config or LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=spec.target_modules,
                                             lora_dropout=0.0, use_rslora=spec.use_rslora, init_lora_weights=False,
                                             **spec.extra)
@@ -70,12 +72,13 @@ def make_adapter(base_dir: Path, out_dir: Path, trained_on: str = "nf4", double_
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
     (out_dir / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EVAL_EXAMPLES))
     if spec.lorax_json:
-        write_training_record(base_dir, out_dir, trained_on, double_quant, spec.load_dtype, config)
+        write_training_record(base_dir, out_dir, trained_on, double_quant, spec.load_dtype, config,
+                              spec.compute_dtype)
     return model
 
 
 def write_training_record(base_dir: Path, out_dir: Path, trained_on: str, double_quant: bool, load_dtype: str,
-                     config) -> dict:
+                          config, compute_dtype: str = "float32") -> dict:
     """lorax.json through the code `lorax train` writes it with (train.lorax_json + lorax_common.record):
     the same keys, schema version and base checksum; only the training facts are those of a random adapter."""
     from lorax_common import record
@@ -84,7 +87,7 @@ def write_training_record(base_dir: Path, out_dir: Path, trained_on: str, double
     cfg = json.loads((Path(base_dir) / "config.json").read_text())
     quant = {"method": "none"} if trained_on == "none" else {
         "method": "bnb-4bit", "quant_type": trained_on, "blocksize": 64, "double_quant": double_quant,
-        "compute_dtype": "float32", "quant_storage": "uint8", "load_dtype": load_dtype}
+        "compute_dtype": compute_dtype, "quant_storage": "uint8", "load_dtype": load_dtype}
     targets = config.target_modules
     lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
             "target_modules": sorted(targets) if isinstance(targets, set) else targets,

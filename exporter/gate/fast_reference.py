@@ -88,16 +88,40 @@ def dequantized_bytes(slots) -> int:
 def dequantize_once(runner, ids: Sequence[int]) -> dict:
     """Swap `runner.model`'s 4-bit layers for dequantized ones when memory allows and `ids`' logits come out
     bit-identical; returns what was done, for the report."""
+    return _dequantize_once(runner, ids)[0]
+
+
+def prepare(runner, ids: Sequence[int]) -> dict:
+    """The reference made fast and said so: dequantize_once, then (bf16 compute on a CPU without native bf16)
+    each bf16 linear product accumulated in float32 (formats.hf.bf16_compute), with the largest logit change
+    that made on the probe sample against torch's own kernel. The probe itself runs on torch's kernels, on both
+    sides: bitsandbytes computes inside its own op, which a function mode cannot reach."""
+    from formats.hf.bf16_compute import accumulate_in_float32, wanted
+
+    path, probe = _dequantize_once(runner, ids)
+    if not wanted(runner.model):
+        return path
+    native = runner.logits(ids) if probe is None else probe
+    if not accumulate_in_float32(runner.model):
+        return path
+    runner.float32_accumulate = True
+    delta = float(np.abs(native.astype(np.float64) - runner.logits(ids).astype(np.float64)).max())
+    return {**path, "bf16_products": "accumulated in float32 (this CPU has no native bf16)",
+            "bf16_max_abs_logit_vs_torch_kernel": delta}
+
+
+def _dequantize_once(runner, ids: Sequence[int]) -> tuple[dict, np.ndarray | None]:
+    """dequantize_once's record, and the probe's logits on the layers kept (None when no probe ran)."""
     import psutil
 
     model = getattr(runner, "model", None)
     slots = _linear4bit_slots(model) if model is not None else []
     if not slots:
-        return {"path": "as loaded", "dequantized_once": 0}
+        return {"path": "as loaded", "dequantized_once": 0}, None
     need, free = dequantized_bytes(slots), psutil.virtual_memory().available
     if need > MEMORY_SHARE * free:
         return {"path": "bitsandbytes", "dequantized_once": 0,
-                "reason": f"dequantized weights {need / 2**20:.0f} MiB > {MEMORY_SHARE:.0%} of free memory"}
+                "reason": f"dequantized weights {need / 2**20:.0f} MiB > {MEMORY_SHARE:.0%} of free memory"}, None
     before = runner.logits(ids)
     for parent, name, layer in slots:
         setattr(parent, name, _plain(layer))
@@ -107,6 +131,6 @@ def dequantize_once(runner, ids: Sequence[int]) -> dict:
         for parent, name, layer in slots:
             setattr(parent, name, layer)
         return {"path": "bitsandbytes", "dequantized_once": 0, "max_abs_logit_delta": delta,
-                "reason": "the dequantized layers' logits differ from bitsandbytes' on the probe sample"}
+                "reason": "the dequantized layers' logits differ from bitsandbytes' on the probe sample"}, before
     return {"path": "dequantized once", "dequantized_once": len(slots), "verified_tokens": len(ids),
-            "max_abs_logit_delta": delta, "memory_mib": round(need / 2**20)}
+            "max_abs_logit_delta": delta, "memory_mib": round(need / 2**20)}, after

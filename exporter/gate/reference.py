@@ -263,7 +263,9 @@ def reference_runner(info: AdapterInfo, dtype: str | None = None):
     from formats.hf.runner import HFRunner
 
     model, tokenizer = load_reference(info, dtype)
-    return HFRunner(info.adapter_dir, name="reference", model=model, tokenizer=tokenizer)
+    # torch's own bf16 kernels: fast_reference.prepare proves the dequantized-once layers against bitsandbytes'
+    # path in them first, then switches to float32 accumulation where the CPU has no native bf16
+    return HFRunner(info.adapter_dir, name="reference", model=model, tokenizer=tokenizer, float32_accumulate=False)
 
 
 # Used when an adapter dir carries no eval.jsonl: short, varied text the model family has seen.

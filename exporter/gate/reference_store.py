@@ -105,11 +105,14 @@ def code_identity() -> str:
 
 
 def reference_key(reference_identity: Any, yard) -> str:
+    from formats.hf.bf16_compute import native_bf16
     from lorax_common.versions import package_versions
 
     versions = {k: v for k, v in package_versions().items() if k in NUMERIC_PACKAGES}
+    # the CPU's bf16 decides the reference's bf16 arithmetic (fast_reference.prepare)
     blob = json.dumps({"format": FORMAT_VERSION, "reference": reference_identity, "samples": samples_identity(yard),
-                       "gen_tokens": yard.gen_tokens, "versions": versions, "code": code_identity()},
+                       "gen_tokens": yard.gen_tokens, "versions": versions, "code": code_identity(),
+                       "native_bf16": native_bf16()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -220,11 +223,12 @@ def reference_outputs(ref: ReferenceSource, yard, reuse: bool = True, candidates
                       proxy: str | None = None):
     """(RefOutputs, reference_path dict): stored outputs when an entry matches, else computed (then stored).
     A fresh computation loads the reference, dequantizes its 4-bit layers once where proven bit-identical
-    (exporter.gate.fast_reference), runs every sample and closes it before the next target is opened.
+    (exporter.gate.fast_reference.prepare; bf16 products accumulated in float32 without native bf16), runs
+    every sample and closes it before the next target is opened.
     `candidates`: the greedy tokens of target `proxy`, which the reference checks in one forward instead of
     decoding its own (evaluate.verified_generations: the result is the reference's own greedy answer)."""
     from exporter.gate.evaluate import RefOutputs, run_reference
-    from exporter.gate.fast_reference import dequantize_once
+    from exporter.gate.fast_reference import prepare
     from lorax_common.memory import release
 
     key = reference_key(ref.identity, yard) if reuse and store_dir() is not None else None
@@ -237,7 +241,7 @@ def reference_outputs(ref: ReferenceSource, yard, reuse: bool = True, candidates
     t0 = time.perf_counter()
     runner = ref.open()
     try:
-        path = dequantize_once(runner, yard.samples[0].ids)
+        path = prepare(runner, yard.samples[0].ids)
         out = run_reference(runner, yard, candidates)
     finally:
         runner.close()  # only its outputs are needed from here on: peak memory is one model at a time

@@ -79,6 +79,10 @@ def to_markdown(report: Report) -> str:
                   f"bitsandbytes' own path bit for bit (max |Δlogit| {path['max_abs_logit_delta']:g})."]
     elif path.get("reason"):
         lines += ["", f"Reference path: bitsandbytes' 4-bit layers ({path['reason']})."]
+    if path.get("bf16_products"):
+        lines += ["", f"Reference arithmetic: bf16 linear products {path['bf16_products']}, as a GPU's bf16 GEMM "
+                  "accumulates (hf targets computing in bf16 do the same); on the probe sample max |Δlogit| "
+                  f"{path['bf16_max_abs_logit_vs_torch_kernel']:g} against torch's CPU bf16 kernel."]
     gen = path.get("generation")
     if gen:
         lines += ["", f"Reference greedy tokens: {gen['checked']}'s checked in one teacher-forced forward of the "

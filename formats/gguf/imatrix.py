@@ -43,10 +43,9 @@ def compute_dtype() -> str:
     bf16 moved its entries by ~3% (median, worst tensor) and the q4_k_m it weighs measured KLD 0.081 / top-1
     90.1% against the trained model vs 0.091 / 88.9% from the float32 forward (50 held-out prompts), in 30.5
     vs 54.1 s. llama.cpp's own tool runs on whatever type the GGUF holds (f16, q8_0, ...)."""
-    import torch
+    from formats.hf.bf16_compute import native_bf16
 
-    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bfloat16" if fast else "float32"
+    return "bfloat16" if native_bf16() else "float32"
 
 
 @dataclass

@@ -18,10 +18,11 @@ from lorax_common.files import check_tokenizer_files, read_json_object, weight_f
 
 class HFRunner:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", name: str | None = None, model=None,
-                 tokenizer=None) -> None:
+                 tokenizer=None, float32_accumulate: bool = True) -> None:
         import torch
         from transformers import AutoTokenizer
 
+        from formats.hf.bf16_compute import accumulate_in_float32
         from formats.hf.load import load_causal_lm
 
         self.name = name or f"hf:{Path(model_dir).name}"
@@ -34,6 +35,9 @@ class HFRunner:
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
         self.model = model or load_causal_lm(model_dir, dtype)
         self.model.eval()
+        # bf16 linear products accumulated in float32 where this CPU has no native bf16 (formats.hf.bf16_compute);
+        # False: torch's own kernels (the reference, until its probe against bitsandbytes' path has run)
+        self.float32_accumulate = float32_accumulate and accumulate_in_float32(self.model)
         self._torch = torch
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos = eos if eos is not None else self.tokenizer.eos_token_id
