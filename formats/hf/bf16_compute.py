@@ -11,9 +11,10 @@ bit for bit torch's, the rest one or two bf16 ulps apart, as any two bf16 GEMM k
 are. Everything else (norms, attention, activations) stays in bf16.
 
 Scoped: `accumulate_in_float32(model)` makes that model's own forward calls run under a TorchFunctionMode
-(F.linear, including the one bitsandbytes' CPU 4-bit matmul calls, both inside the model), so the reference's
-proof that its dequantized-once layers equal bitsandbytes' still compares like with like; nothing outside
-those calls changes.
+that takes F.linear; nothing outside those calls changes. It cannot reach inside a custom op: bitsandbytes'
+CPU 4-bit matmul (the `gemm_4bit` op) keeps torch's kernel under it, so the reference proves its
+dequantized-once layers against bitsandbytes on torch's kernels first and switches after
+(exporter.gate.fast_reference.prepare).
 """
 
 from __future__ import annotations
