@@ -104,7 +104,6 @@ def prepare(runner, ids: Sequence[int]) -> dict:
     native = runner.logits(ids) if probe is None else probe
     if not accumulate_in_float32(runner.model):
         return path
-    runner.float32_accumulate = True
     delta = float(np.abs(native.astype(np.float64) - runner.logits(ids).astype(np.float64)).max())
     return {**path, "bf16_products": "accumulated in float32 (this CPU has no native bf16)",
             "bf16_max_abs_logit_vs_torch_kernel": delta}

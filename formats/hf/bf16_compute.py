@@ -65,8 +65,7 @@ def widened_linear(x, w, b=None):
     out = torch.empty(x32.shape[0], w.shape[0], dtype=torch.float32)
     step = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
     for i in range(0, w.shape[0], step):
-        # contiguous: bitsandbytes hands linear a transposed view, and a strided operand would take another
-        # GEMM path (other sums) than a dequantized-once layer's plain weight
+        # contiguous whatever w's strides: a strided operand takes another GEMM path (other sums)
         chunk = w[i:i + step].to(torch.float32, memory_format=torch.contiguous_format)
         torch.matmul(x32, chunk.T, out=out[:, i:i + step])
     if b is not None:
@@ -97,6 +96,11 @@ def accumulate_in_float32(model) -> bool:
     return True
 
 
+def accumulating(model) -> bool:
+    """Whether accumulate_in_float32 switched `model` (derived from the model itself, not remembered)."""
+    return getattr(vars(model).get("forward"), "float32_accumulate", False)
+
+
 def _scoped_forward(model):
     """model's class forward under the mode. It holds model weakly: a forward stored on the module that refers
     back to it would put the whole model in a reference cycle (resident until a full collection)."""
@@ -107,4 +111,5 @@ def _scoped_forward(model):
         with float32_accumulate():
             return forward(ref(), *args, **kwargs)
 
+    scoped.float32_accumulate = True
     return scoped

@@ -37,11 +37,19 @@ class HFRunner:
         self.model.eval()
         # bf16 linear products accumulated in float32 where this CPU has no native bf16 (formats.hf.bf16_compute);
         # False: torch's own kernels (the reference, until its probe against bitsandbytes' path has run)
-        self.float32_accumulate = float32_accumulate and accumulate_in_float32(self.model)
+        if float32_accumulate:
+            accumulate_in_float32(self.model)
         self._torch = torch
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.stop = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    @property
+    def float32_accumulate(self) -> bool:
+        """Whether the model's bf16 linear products are accumulated in float32 (formats.hf.bf16_compute)."""
+        from formats.hf.bf16_compute import accumulating
+
+        return self.model is not None and accumulating(self.model)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
