@@ -153,6 +153,11 @@ def _internal(e: BaseException, argv: list[str] | None) -> int:
 
 
 def run() -> None:
+    """The `lorax` command: this process is lorax's own, so its allocator is set for big models first
+    (lorax_common.memory.large_blocks_to_os); main() itself, called in-process, changes no process state."""
+    from lorax_common.memory import large_blocks_to_os
+
+    large_blocks_to_os()
     sys.exit(main())
 
 
