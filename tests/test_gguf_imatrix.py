@@ -215,3 +215,36 @@ def test_a_16_bit_checkpoint_computes_in_float32_bit_for_bit_in_half_the_memory(
         assert not any(r() is not None for r in layers)  # no layer (and no weight) kept by a cycle
     finally:
         gc.enable()
+
+
+def test_block_weights_are_what_the_calibration_forward_multiplies(tiny_model_dir, model):
+    """Counted from the safetensors headers alone, equal to the loaded model's linear layers inside its blocks."""
+    from formats.gguf.imatrix import block_linear_weights
+
+    loaded = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and ".layers." in name)
+    assert loaded > 0 and block_linear_weights(tiny_model_dir) == loaded
+
+
+@pytest.mark.parametrize("weights, tokens", [
+    (30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536), 32768),  # SmolLM2-135M: the measured default, kept
+    (22 * (2 * 2048 * 2048 + 2 * 2048 * 256 + 3 * 2048 * 5632), 4096),  # the 1.18B bench model
+    (300_000_000, 11_596),
+    (8_000_000_000, 4096),
+])
+def test_auto_budget_holds_the_compute_of_the_measured_default(weights, tokens):
+    from formats.gguf.imatrix import auto_token_budget
+
+    assert auto_token_budget(weights) == tokens
+    # never more token x weight products than 32,768 tokens through SmolLM2-135M's blocks, unless at the floor
+    assert tokens * weights <= 32768 * 106_168_320 or tokens == 4096
+
+
+def test_imatrix_tokens_option_takes_a_count_or_auto(tmp_path, capsys):
+    from exporter.cli.main import main
+
+    for bad in ("0", "lots", "-5"):
+        rc = main(["export", str(tmp_path), "--out", str(tmp_path / "d"), "--gguf", "--imatrix-tokens", bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--imatrix-tokens" in err and "auto" in err, err
+    assert not (tmp_path / "d").exists()

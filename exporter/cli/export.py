@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from exporter.cli.options import Size, adapter_options, gate_options, merge_options
+from exporter.cli.options import CountOrAuto, Size, adapter_options, gate_options, merge_options
 from exporter.gate.registry import lookup, offered
 
 # every type offered here has a threshold row (exporter.gate.registry); the rest are not offered
@@ -23,8 +23,9 @@ ONNX_QUANTS = [t for t in offered("onnx") if lookup("onnx", t).quantized]
               "types where it was measured to help; FILE (a GGUF imatrix) applies it to every quantized type.")
 @click.option("--calibration", type=click.Path(exists=True), help="Rows for the importance matrix (default: the "
               "adapter's training data, as lorax.json records it).")
-@click.option("--imatrix-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
-              help="Token budget of the importance matrix.")
+@click.option("--imatrix-tokens", type=CountOrAuto(), default="auto", show_default=True, metavar="N|auto",
+              help="Token budget of the importance matrix; auto: 32768 up to ~135M weights, then less as the "
+              "model grows (same compute), never under 4096.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
               help="Per-tensor GGUF type (regex on GGUF names, as llama-quantize --tensor-type), repeatable.")
 @click.option("--output-type", default=None, help="GGUF type of output.weight.")

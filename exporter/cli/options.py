@@ -39,6 +39,22 @@ class Size(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class CountOrAuto(click.ParamType):
+    """A positive integer, or `auto` (None: the command picks it)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return None
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        self.fail(f"{value!r} is neither a positive integer nor auto", param, ctx)
+
+
 def _group(*opts: Callable) -> Callable:
     def apply(fn: Callable) -> Callable:
         for opt in reversed(opts):  # click applies bottom-up; keep the listed order in --help

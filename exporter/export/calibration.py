@@ -80,14 +80,14 @@ def calibration_rows(source: Path, merged: Path, opts) -> tuple[tuple[int, ...],
     """The calibration rows' token ids within the export's token budget; () when the source has none."""
     from transformers import AutoTokenizer
 
-    from formats.gguf.imatrix import budget_rows
+    from formats.gguf.imatrix import budget_rows, token_budget
 
     try:
         cal = calibration_sequences(source, AutoTokenizer.from_pretrained(merged), opts.calibration)
     except LoraxError as e:
         log.warning("%s; int4 falls back to the weighted search (no GPTQ)", e)
         return ()
-    return tuple(tuple(r) for r in budget_rows(cal.sequences, opts.imatrix_tokens))
+    return tuple(tuple(r) for r in budget_rows(cal.sequences, token_budget(merged, opts.imatrix_tokens)))
 
 
 def write_calibration(rows: tuple[tuple[int, ...], ...], path: Path) -> None:

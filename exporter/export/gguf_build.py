@@ -22,7 +22,7 @@ from pathlib import Path
 from exporter.errors import LoraxError
 from exporter.export.calibration import CALIBRATION_FILE, read_calibration
 from exporter.gate.registry import recipe_key
-from formats.gguf.imatrix import Imatrix, collect_imatrix, read_imatrix, write_imatrix
+from formats.gguf.imatrix import Imatrix, collect_imatrix, read_imatrix, token_budget, write_imatrix
 from formats.gguf.quantize import LIBLLAMA_TYPES, NEEDS_IMATRIX, Recipe
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,11 @@ def importance_matrix(source: Path, merged: Path, opts, needed: bool) -> Imatrix
     except LoraxError as e:
         log.warning("%s; quantizing without an importance matrix", e)
         return None
+    budget = token_budget(merged, opts.imatrix_tokens)
+    if opts.imatrix_tokens is None:
+        log.info("importance matrix: up to %d calibration tokens (--imatrix-tokens auto, by model size)", budget)
     try:
-        return collect_imatrix(merged, cal.sequences, token_budget=opts.imatrix_tokens, datasets=[cal.source])
+        return collect_imatrix(merged, cal.sequences, token_budget=budget, datasets=[cal.source])
     finally:
         release()  # the model it ran is gone: hand its heap back before the quantizer and the gate
 

@@ -60,7 +60,7 @@ class ExportOptions:
     force: bool = False
     imatrix: str = "auto"  # auto | off | a GGUF imatrix file (exporter.export.gguf_build)
     calibration: str | None = None
-    imatrix_tokens: int = 32768
+    imatrix_tokens: int | None = None  # None: auto (formats.gguf.imatrix.auto_token_budget)
     tensor_types: tuple[str, ...] = ()  # PATTERN=TYPE, as llama-quantize --tensor-type
     output_type: str | None = None
     embedding_type: str | None = None
