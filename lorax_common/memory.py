@@ -19,10 +19,14 @@ import sys
 
 # Blocks this large or larger come straight from the kernel (mmap) and go back to it on free. glibc's own
 # threshold starts at 128 KiB but rises to the size of any mmapped block freed (up to 32 MiB): after the first
-# forward, torch's 16 MiB activations come from the heap, whose freed holes stay resident. Measured on the
-# 1.18B bench's importance matrix (4,096 tokens, its own process): peak 4.91 GB (anonymous 2.74) with glibc's
-# moving threshold, 3.26 GB (anonymous 1.07) with this one fixed, in the same 76 s.
-MMAP_THRESHOLD = 1 << 20
+# forward, torch's 16 MiB activations come from the heap, whose freed holes stay resident. A low fixed threshold
+# costs page faults instead: every block above it is fresh zeroed pages. Measured on the 1.18B bench, each in its
+# own process (importance matrix over 4,096 tokens; the reference decoding 10 rows x 8 tokens):
+#   glibc's moving threshold   peak 4.91 GB (anonymous 2.74)   decode 19.0 s
+#   fixed at 1 MiB             peak 3.26 GB (anonymous 1.07)   decode 32.4 s (18.5 s once bf16_compute reused
+#                                                              its 4 MiB widening buffer)
+#   fixed at 8 MiB             peak 3.25 GB (anonymous 1.06)   decode 11.8 s
+MMAP_THRESHOLD = 8 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 

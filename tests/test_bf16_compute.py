@@ -127,6 +127,8 @@ def test_widened_linear_in_chunks_is_the_whole_widened_product(monkeypatch, rows
     whole = F.linear(x.float(), w.float()).bfloat16()
     assert torch.equal(bc.widened_linear(x, w), whole)
     assert torch.equal(bc.widened_linear(x, w.T.contiguous().T), whole)
+    with torch.inference_mode():  # the gate's forwards: the same reused scratch buffer, the same bits
+        assert torch.equal(bc.widened_linear(x, w), whole)
     b = torch.randn(1000, generator=g).bfloat16()
     got, want = bc.widened_linear(x, w, b).float(), F.linear(x.float(), w.float(), b.float()).bfloat16().float()
     assert torch.all((got - want).abs() <= torch.from_numpy(bf16_ulp(want.numpy())))  # bias added last: one rounding
