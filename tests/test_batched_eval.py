@@ -252,6 +252,32 @@ def test_dequantize_once_restores_bitsandbytes_when_the_logits_differ(nf4_adapte
     assert np.array_equal(ref.logits(samples[1].ids), before)  # bitsandbytes' layers are back
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_short_probe_catches_one_wrong_weight_anywhere(nf4_adapter, monkeypatch, where):
+    """prepare proves on the head of a sample only (PROBE_TOKENS); a fault in a single weight of the first or the
+    last swapped layer, far from the diagonal, is still caught with two tokens and bitsandbytes kept."""
+    import exporter.gate.fast_reference as fr
+
+    ref, samples = _nf4_reference(nf4_adapter)
+    before = ref.logits(samples[1].ids)
+    plain, seen = fr._plain, []
+    n_layers = len(fr._linear4bit_slots(ref.model))
+
+    def nudged(layer):
+        m = plain(layer)
+        seen.append(m)
+        if len(seen) == (1 if where == "first" else n_layers):
+            r, c = m.weight.shape[0] * 2 // 3, m.weight.shape[1] - 1
+            m.weight.data[r, c] += 1e-3  # a planted dequantization fault
+        return m
+
+    monkeypatch.setattr(fr, "_plain", nudged)
+    monkeypatch.setattr(fr, "PROBE_TOKENS", 2)
+    path = fr.prepare(ref, samples[0].ids)
+    assert path["path"] == "bitsandbytes" and path["max_abs_logit_delta"] > 0
+    assert np.array_equal(ref.logits(samples[1].ids), before)
+
+
 def test_dequantize_once_keeps_bitsandbytes_without_the_memory(nf4_adapter, monkeypatch):
     import exporter.gate.fast_reference as fr
 

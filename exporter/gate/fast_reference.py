@@ -21,6 +21,12 @@ import numpy as np
 # The dequantized weights may take at most this share of the memory free when the gate starts.
 MEMORY_SHARE = 0.5
 
+# The proof runs the head of a gate sample, this many tokens: every swapped layer multiplies each token by its
+# whole weight, so any token covers every weight, and what the proof pays is two forwards on torch's bf16
+# kernels, which run at ~20 GFLOPS where the CPU lacks native bf16 (1.18B bench, AVX2: the 47-token sample's
+# proof took ~15 s).
+PROBE_TOKENS = 16
+
 
 def dequantize_as_matmul(packed, qs, compute):
     """The weight exactly as bitsandbytes' 4-bit matmul (the `gemm_4bit` op, the path training and inference
@@ -92,12 +98,13 @@ def dequantize_once(runner, ids: Sequence[int]) -> dict:
 
 
 def prepare(runner, ids: Sequence[int]) -> dict:
-    """The reference made fast and said so: dequantize_once, then (bf16 compute on a CPU without native bf16)
-    each bf16 linear product accumulated in float32 (formats.hf.bf16_compute), with the largest logit change
-    that made on the probe sample against torch's own kernel. The probe itself runs on torch's kernels, on both
+    """The reference made fast and said so: dequantize_once on the first PROBE_TOKENS of `ids`, then (bf16
+    compute on a CPU without native bf16) each bf16 linear product accumulated in float32
+    (formats.hf.bf16_compute), with the largest logit change that made on the probe against torch's own kernel. The probe itself runs on torch's kernels, on both
     sides: bitsandbytes computes inside its own op, which a function mode cannot reach."""
     from formats.hf.bf16_compute import accumulate_in_float32, wanted
 
+    ids = list(ids)[:PROBE_TOKENS]
     path, probe = _dequantize_once(runner, ids)
     if not wanted(runner.model):
         return path

@@ -75,7 +75,7 @@ def to_markdown(report: Report) -> str:
     path = report.reference_path
     if path.get("dequantized_once"):
         lines += ["", f"Reference path: the 4-bit base's {path['dequantized_once']} layers dequantized once "
-                  f"({path['memory_mib']} MiB); on a {path['verified_tokens']}-token sample its logits equal "
+                  f"({path['memory_mib']} MiB); on the first {path['verified_tokens']} tokens of a sample its logits equal "
                   f"bitsandbytes' own path bit for bit (max |Δlogit| {path['max_abs_logit_delta']:g})."]
     elif path.get("reason"):
         lines += ["", f"Reference path: bitsandbytes' 4-bit layers ({path['reason']})."]
