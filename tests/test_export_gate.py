@@ -164,13 +164,16 @@ def test_a_target_that_cannot_run_is_a_failed_row_and_the_rest_are_measured(adap
     bad = by["onnx:onnx-damaged"]
     assert not bad["passed"] and bad["failures"][0].startswith("could not be measured"), bad
     assert by["model-f32.gguf"]["passed"] and by["model-f32.gguf"]["metrics"]["kld_mean"] <= 1e-4
-    # a GGUF damaged in its header is bad input, refused before the gate runs: one line, exit 2
-    truncated = tmp_path / "truncated-f32.gguf"
-    truncated.write_bytes((dist / "model-f32.gguf").read_bytes()[:20000])
-    capsys.readouterr()
-    assert main(["check", str(adapter), str(truncated)]) == 2
-    err = capsys.readouterr().err
-    assert "GGUF header is truncated or corrupt" in err and "Traceback" not in err
+    # a GGUF cut inside its header or inside its tensor data is bad input, refused before the gate runs: one
+    # line naming which, exit 2
+    data = (dist / "model-f32.gguf").read_bytes()
+    for cut, says in ((200, "GGUF header is truncated or corrupt"), (20000, "truncated: tensor data ends at byte")):
+        truncated = tmp_path / f"truncated-{cut}-f32.gguf"
+        truncated.write_bytes(data[:cut])
+        capsys.readouterr()
+        assert main(["check", str(adapter), str(truncated)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_export_of_a_plain_peft_double_quant_adapter_needs_and_takes_double_quant(tiny_model_dir, tmp_path):

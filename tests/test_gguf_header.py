@@ -41,3 +41,31 @@ def test_damaged_headers_are_one_line(gguf_files, tmp_path):
         with pytest.raises(FormatError) as e:
             read_values(f, {"general.file_type", "never.present"})
         assert str(f) in str(e.value) and "\n" not in str(e.value), name
+
+
+def test_tensor_index_equals_gguf_py(gguf_files):
+    """read_header's one pass gives the tensors gguf-py's reader finds: names, types, absolute data offsets and
+    byte sizes (the truncation check of formats.gguf.inspect rests on these)."""
+    from gguf import GGUFReader
+
+    from formats.gguf.header import read_header
+    from formats.gguf.inspect import tensor_bytes
+
+    for path in gguf_files:
+        values, tensors, start = read_header(path, {"general.architecture", "general.alignment"})
+        theirs = [(t.name, int(t.tensor_type), int(t.data_offset), int(t.n_bytes)) for t in GGUFReader(path).tensors]
+        ours = [(n, t, start + off, tensor_bytes(path, n, dims, t)) for n, dims, t, off in tensors]
+        assert ours == theirs and len(ours) > 10, path.name
+        assert values == {"general.architecture": "llama"}  # general.alignment absent: the 32-byte default
+
+
+def test_inspect_names_a_file_cut_inside_its_tensor_data(gguf_files, tmp_path):
+    """A file whose header is whole but whose last tensor is cut short: the truncation check catches it."""
+    from formats.gguf.inspect import inspect_gguf
+
+    data = gguf_files[1].read_bytes()
+    assert inspect_gguf(gguf_files[1]).n_tensors > 10
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:-1])
+    with pytest.raises(FormatError, match=r"truncated: tensor data ends at byte \d+ but the file has"):
+        inspect_gguf(cut)

@@ -108,3 +108,37 @@ def tensor_names(path: str | Path) -> list[str]:
             return names
     except OSError as e:
         raise FormatError(f"{path}: cannot read the GGUF file ({e.strerror or e})") from None
+
+
+ALIGNMENT_KEY = "general.alignment"
+DEFAULT_ALIGNMENT = 32  # gguf-py's GGUF_DEFAULT_ALIGNMENT
+
+
+def read_header(path: str | Path, keys: set[str]) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]],
+                                                         int]:
+    """The whole header in one pass: the values of `keys`, the tensor index (name, dims, ggml type, offset in the
+    data section) and the byte where the data section starts (aligned to general.alignment)."""
+    path = Path(path)
+    want = set(keys) | {ALIGNMENT_KEY}
+    found: dict[str, Any] = {}
+    try:
+        with open(path, "rb") as fh:
+            n_tensors, n_kv = _counts(fh, path)
+            for _ in range(n_kv):
+                key = _string(fh, path, keep=True)
+                value = _value(fh, _unpack(fh, "<I", path), path, keep=key in want)
+                if key in want:
+                    found[key] = value
+            tensors = []
+            for _ in range(n_tensors):
+                name = _string(fh, path, keep=True)
+                n_dims = _unpack(fh, "<I", path)
+                if n_dims > 8:
+                    raise FormatError(f"{path}: GGUF tensor {name!r} has {n_dims} dimensions; the file is damaged")
+                dims = tuple(_unpack(fh, "<Q", path) for _ in range(n_dims))
+                tensors.append((name, dims, _unpack(fh, "<I", path), _unpack(fh, "<Q", path)))
+            align = int(found.pop(ALIGNMENT_KEY, DEFAULT_ALIGNMENT) or DEFAULT_ALIGNMENT)
+            start = -(-fh.tell() // align) * align
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read the GGUF file ({e.strerror or e})") from None
+    return {k: v for k, v in found.items() if k in keys}, tensors, start
