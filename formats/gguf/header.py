@@ -92,22 +92,8 @@ def read_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
 
 
 def tensor_names(path: str | Path) -> list[str]:
-    """Names of the tensors in the file, from the tensor index after the kv section (per tensor: name,
-    uint32 n_dims, n_dims uint64 dims, uint32 type, uint64 offset)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            n_tensors, n_kv = _counts(fh, path)
-            for _ in range(n_kv):
-                _string(fh, path, keep=False)
-                _value(fh, _unpack(fh, "<I", path), path, keep=False)
-            names = []
-            for _ in range(n_tensors):
-                names.append(_string(fh, path, keep=True))
-                fh.seek(8 * _unpack(fh, "<I", path) + 4 + 8, 1)
-            return names
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read the GGUF file ({e.strerror or e})") from None
+    """Names of the tensors in the file, from the tensor index after the kv section (read_header)."""
+    return [name for name, _, _, _ in read_header(path, set())[1]]
 
 
 ALIGNMENT_KEY = "general.alignment"
