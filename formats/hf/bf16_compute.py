@@ -54,25 +54,43 @@ def _mode_class():
 
 # Output rows widened at a time: ~4 MiB of float32 weight, which stays in cache for its GEMM. Widening a whole
 # 5632 x 2048 weight per call streams 46 MB through memory: 2.8x slower for a 10-row decode step, 1.3x for 512
-# rows (2-core EPYC, AVX2), with the same result bit for bit (measured at 1, 10, 16, 64 and 512 rows).
+# rows (2-core EPYC, AVX2).
 CHUNK_ELEMENTS = 2**20
+
+# Which way round the GEMM runs, by input rows. torch's CPU float32 GEMM (MKL here) is fast for few rows only as
+# weight-rows x input-rows (W @ x.T) with the input rows a multiple of 16: a decode step of the 1.18B bench
+# model, 11 or 16 rows, 1.1-1.3 s as x @ W.T, 0.5-0.6 s so (AMD EPYC, AVX2, 2 cores). Under MIN_TRANSPOSED_ROWS rows
+# x @ W.T wins (1 row: 0.28 vs 0.55 s); from ~500 rows on the two are within a few percent.
+PAD_ROWS = 16
+MIN_TRANSPOSED_ROWS = 4
 
 
 def widened_linear(x, w, b=None):
-    """linear(x, w, b) for bf16 x, w: float32 products of the widened operands, rounded to bf16."""
+    """linear(x, w, b) for bf16 x, w: float32 products of the widened operands, rounded to bf16. Each output is
+    one float32 dot product over the input features; which kernel sums it (and so the order of its float32
+    sums) depends on the row count, as for any GEMM."""
     import torch
 
     x32 = x.reshape(-1, x.shape[-1]).float()
-    out = torch.empty(x32.shape[0], w.shape[0], dtype=torch.float32)
+    rows_in = x32.shape[0]
+    transposed = rows_in >= MIN_TRANSPOSED_ROWS
+    if transposed and rows_in % PAD_ROWS:  # zero rows: their outputs are computed and dropped
+        x32 = torch.cat([x32, x32.new_zeros(PAD_ROWS - rows_in % PAD_ROWS, x32.shape[1])])
+    out = torch.empty((w.shape[0], x32.shape[0]) if transposed else (x32.shape[0], w.shape[0]), dtype=torch.float32)
     step = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
     scratch = _scratch(step * w.shape[1])  # overwritten chunk by chunk (forward only: matmul's out= has no grad)
     for i in range(0, w.shape[0], step):
         rows = min(step, w.shape[0] - i)
         # contiguous whatever w's strides: a strided operand takes another GEMM path (other sums)
         chunk = scratch[: rows * w.shape[1]].view(rows, w.shape[1]).copy_(w[i:i + rows])
-        torch.matmul(x32, chunk.T, out=out[:, i:i + rows])
+        if transposed:
+            torch.matmul(chunk, x32.T, out=out[i:i + rows])
+        else:
+            torch.matmul(x32, chunk.T, out=out[:, i:i + rows])
+    if transposed:
+        out = out.T[:rows_in]
     if b is not None:
-        out += b.float()
+        out = out + b.float()
     return out.to(torch.bfloat16).reshape(*x.shape[:-1], w.shape[0])
 
 
