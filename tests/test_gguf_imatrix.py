@@ -78,6 +78,23 @@ def test_collection_is_the_hand_computed_sum_of_squares(imx, model, seqs):
     assert len(imx.sums) == 15 and "output.weight" in imx.sums
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_column_squares_in_chunks_is_the_float64_sum_and_leaves_its_input_alone(monkeypatch, dtype):
+    """The per-column sum of squares, a few rows at a time (here 3 rows of 40 columns per chunk, the last
+    partial): the exact squares summed in float64, and the activations it was handed unchanged."""
+    import formats.gguf.imatrix as im
+
+    monkeypatch.setattr(im, "SQUARE_CHUNK_BYTES", 3 * 40 * 8)
+    flat = torch.randn(10, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
+    before = flat.clone()
+    want = (flat.double() ** 2).sum(0)
+    got = im.column_squares(flat)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    assert torch.equal(flat, before)
+    assert torch.equal(im.column_squares(flat[:0]), torch.zeros(40, dtype=torch.float64))
+
+
 def test_gguf_imatrix_file_round_trip(imx, tmp_path):
     path = write_imatrix(imx, tmp_path / "imatrix.gguf")
     r = GGUFReader(str(path))
