@@ -222,6 +222,12 @@ def test_a_16_bit_checkpoint_computes_in_float32_bit_for_bit_in_half_the_memory(
     ids = torch.tensor([seqs[0]])
     with torch.inference_mode():
         assert torch.equal(full(ids).logits, lean(ids).logits)  # the head too, tied or not
+    # with autograd on, each upcast weight is a tensor of its own (a reused buffer would change under backward)
+    norm = [p for n, p in lean.named_parameters() if n.endswith("layers.0.input_layernorm.weight")][0]
+    want_norm = [p for n, p in full.named_parameters() if n.endswith("layers.0.input_layernorm.weight")][0]
+    full(ids).logits.square().sum().backward()
+    lean(ids).logits.square().sum().backward()
+    assert torch.equal(norm.grad, want_norm.grad)
     import gc
     import weakref
 

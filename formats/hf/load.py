@@ -19,6 +19,7 @@ forward: the float32 load's computation bit for bit (16-bit -> float32 is exact)
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from lorax_common.files import weight_files
@@ -72,9 +73,10 @@ def load_float32_compute(hf_dir: str | Path):
     if len(stored) != 1 or stored <= {"float32", "float64"}:
         return load_causal_lm(hf_dir, "float32")
     model = load_causal_lm(hf_dir, stored.pop())
+    upcast = WeightUpcast()  # shared by this model's layers only: freed with the model
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear):
-            mod.forward = _upcasting_forward(mod)  # this instance only: the class stays untouched
+            mod.forward = _upcasting_forward(mod, upcast)  # this instance only: the class stays untouched
             continue
         for group in (mod._parameters, mod._buffers):
             for t in group.values():
@@ -83,7 +85,28 @@ def load_float32_compute(hf_dir: str | Path):
     return model
 
 
-def _upcasting_forward(mod):
+class WeightUpcast(threading.local):
+    """A model's float32 copy of the weight running now: one buffer per thread, grown to the largest weight and
+    overwritten layer by layer. A fresh float32 copy per call is fresh pages from the kernel for every weight
+    over lorax's 8 MiB mmap threshold (lorax_common.memory): 1.18B bench, a 600-token forward 11.1 -> 9.9 s,
+    page faults 1.26M -> 0.46M, the same output bit for bit."""
+
+    buf = None
+
+    def __call__(self, weight):
+        import torch
+
+        if weight.dtype == torch.float32 or torch.is_grad_enabled():
+            return weight.float()  # as is, or (autograd keeps the weight it multiplied) a tensor of its own
+        n = weight.numel()
+        if self.buf is None or self.buf.numel() < n:
+            self.buf = None  # the old one goes before the larger one comes
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+                self.buf = torch.empty(n, dtype=torch.float32)
+        return self.buf[:n].view(weight.shape).copy_(weight)
+
+
+def _upcasting_forward(mod, upcast: WeightUpcast):
     """mod's forward on its weight upcast to float32. It holds mod weakly: a module whose own attribute referred
     back to it would be a reference cycle, and every layer of a 1.18B model in one would stay resident until
     a full collection."""
@@ -95,6 +118,6 @@ def _upcasting_forward(mod):
 
     def forward(x):
         m = ref()
-        return F.linear(x, m.weight.float(), None if m.bias is None else m.bias.float())
+        return F.linear(x, upcast(m.weight), None if m.bias is None else m.bias.float())
 
     return forward
