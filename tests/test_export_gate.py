@@ -52,6 +52,14 @@ def test_honest_export_passes_every_target(dist):
     gguf = {a["type"]: a for a in meta["artifacts"] if a["format"] == "gguf"}
     assert set(gguf) == {"f32"} and all(len(a["sha256"]) == 64 for a in gguf.values())
     assert (dist / "merged" / "model.safetensors").exists() or list((dist / "merged").glob("*.safetensors"))
+    # every other published file with the sha256 of its bytes on disk (the merged weights' taken from the
+    # merge's own record, which its writer hashed on the way out)
+    from lorax_common.hashing import sha256_file
+
+    published = {str(f.relative_to(dist)) for f in dist.rglob("*") if f.is_file() and f.suffix != ".gguf"
+                 and f.name != "lorax.json" and not f.name.startswith("report") and f.name not in ("kld.svg", "README.md")}
+    assert set(meta["files"]) == published and any(f.startswith("merged/") for f in published)
+    assert all(meta["files"][f] == sha256_file(dist / f) for f in published)
 
 
 def test_existing_output_needs_force(adapter, dist, capsys):
