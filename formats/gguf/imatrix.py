@@ -124,7 +124,11 @@ class Imatrix:
         return h.hexdigest()
 
 
-BATCH_TOKENS = 2048  # padded tokens per forward: rows of ~100 tokens batched ~20 at a time (1 row: ~2x slower)
+# Padded tokens per forward: rows of ~50-100 tokens batched 5-10 at a time (1 row: ~2x slower). At 2048, a
+# 1.18B model's 2048 x 5632 float32 activations were each fresh pages under the 8 MiB mmap threshold
+# (lorax_common.memory): 2,048 bench tokens took 42.2-49.6 s (4 runs, sys 10-14 s), at 512 37.9-46.7 s (3 runs,
+# sys 3-7 s), the GEMMs as fast at 512 rows.
+BATCH_TOKENS = 512
 
 
 def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
