@@ -3,6 +3,7 @@
     runner.close()
     release()          # lorax export / lorax check: after each model of the gate, and the importance matrix's
     large_blocks_to_os()   # the `lorax` console entry, once, before any command runs (exporter.cli.main.run)
+    buf = ReusedBuffer(); buf.take(n)                   # scratch that is not fresh pages on every call
 
 glibc keeps freed heap pages (the many mid-sized activation tensors) mapped for reuse. Measured on the 1.18B
 bench export: 2.0 GB was still resident after the importance matrix's model was gone; malloc_trim handed
@@ -16,6 +17,7 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+import threading
 
 # Blocks this large or larger come straight from the kernel (mmap) and go back to it on free. glibc's own
 # threshold starts at 128 KiB but rises to the size of any mmapped block freed (up to 32 MiB): after the first
@@ -59,3 +61,22 @@ def release() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+class ReusedBuffer(threading.local):
+    """A float32 scratch buffer per thread, grown to the largest request and then reused. Under the fixed mmap
+    threshold above, a block allocated per call is fresh zeroed pages every time. Whoever holds the object sets
+    its lifetime: a module for the process (formats.hf.bf16_compute's widening chunks), a model for as long as
+    the model lives (formats.hf.load's upcast weights)."""
+
+    buf = None
+
+    def take(self, elements: int):
+        """A 1-d float32 tensor of `elements` values, this thread's, overwritten by the next take."""
+        import torch
+
+        if self.buf is None or self.buf.numel() < elements:
+            self.buf = None  # the old one goes before the larger one comes
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+                self.buf = torch.empty(elements, dtype=torch.float32)
+        return self.buf[:elements]

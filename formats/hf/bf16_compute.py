@@ -23,8 +23,9 @@ dequantized-once layers against bitsandbytes on torch's kernels first and switch
 from __future__ import annotations
 
 import functools
-import threading
 import weakref
+
+from lorax_common.memory import ReusedBuffer
 
 
 def native_bf16() -> bool:
@@ -81,7 +82,7 @@ def widened_linear(x, w, b=None):
         x32 = torch.cat([x32, x32.new_zeros(PAD_ROWS - rows_in % PAD_ROWS, x32.shape[1])])
     out = torch.empty((w.shape[0], x32.shape[0]) if transposed else (x32.shape[0], w.shape[0]), dtype=torch.float32)
     step = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
-    scratch = _scratch(step * w.shape[1])  # overwritten chunk by chunk (forward only: matmul's out= has no grad)
+    scratch = _WIDENED.take(step * w.shape[1])  # overwritten chunk by chunk (forward only: out= has no grad)
     for i in range(0, w.shape[0], step):
         rows = min(step, w.shape[0] - i)
         # contiguous whatever w's strides: a strided operand takes another GEMM path (other sums)
@@ -97,21 +98,10 @@ def widened_linear(x, w, b=None):
     return out.to(torch.bfloat16).reshape(*x.shape[:-1], w.shape[0])
 
 
-_SCRATCH = threading.local()
-
-
-def _scratch(elements: int):
-    """This thread's float32 buffer for widened weight rows, grown to `elements` and then reused. Allocated per
-    chunk, each 4 MiB block was fresh pages from the kernel wherever glibc's mmap threshold is fixed below it
-    (lorax_common.memory): with it at 1 MiB, the 1.18B bench reference's 10 rows x 8 decode steps took 32.4 s,
-    18.5 s with this buffer."""
-    import torch
-
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < elements:
-        with torch.inference_mode(False):  # a normal tensor: writable both inside and outside inference mode
-            buf = _SCRATCH.buf = torch.empty(elements, dtype=torch.float32)
-    return buf
+# Each thread's buffer for widened weight rows. Allocated per chunk, each 4 MiB block was fresh pages from the kernel wherever glibc's mmap
+# threshold is fixed below it (lorax_common.memory): with it at 1 MiB, the 1.18B bench reference's 10 rows x 8
+# decode steps took 32.4 s, 18.5 s with one reused buffer.
+_WIDENED = ReusedBuffer()
 
 
 def float32_accumulate():
