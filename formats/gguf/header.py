@@ -71,24 +71,28 @@ def _counts(fh: BinaryIO, path: Path) -> tuple[int, int]:
     return _unpack(fh, "<Q", path), _unpack(fh, "<Q", path)
 
 
+def _kv(fh: BinaryIO, path: Path, n_kv: int, keys: set[str], stop_when_found: bool) -> dict[str, Any]:
+    """The values of `keys` among the next `n_kv` header entries; every entry is walked (the tensor index comes
+    after them) unless `stop_when_found`."""
+    found: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = _string(fh, path, keep=True)
+        value = _value(fh, _unpack(fh, "<I", path), path, keep=key in keys)
+        if key in keys:
+            found[key] = value
+            if stop_when_found and len(found) == len(keys):
+                break
+    return found
+
+
 def read_values(path: str | Path, keys: set[str]) -> dict[str, Any]:
     """The values of `keys` found in the header (absent keys are absent from the result)."""
     path = Path(path)
-    found: dict[str, Any] = {}
     try:
         with open(path, "rb") as fh:
-            for _ in range(_counts(fh, path)[1]):
-                key = _string(fh, path, keep=True)
-                vtype = _unpack(fh, "<I", path)
-                wanted = key in keys
-                value = _value(fh, vtype, path, keep=wanted)
-                if wanted:
-                    found[key] = value
-                    if len(found) == len(keys):
-                        break
+            return _kv(fh, path, _counts(fh, path)[1], keys, stop_when_found=True)
     except OSError as e:
         raise FormatError(f"{path}: cannot read the GGUF file ({e.strerror or e})") from None
-    return found
 
 
 def tensor_names(path: str | Path) -> list[str]:
@@ -105,16 +109,10 @@ def read_header(path: str | Path, keys: set[str]) -> tuple[dict[str, Any], list[
     """The whole header in one pass: the values of `keys`, the tensor index (name, dims, ggml type, offset in the
     data section) and the byte where the data section starts (aligned to general.alignment)."""
     path = Path(path)
-    want = set(keys) | {ALIGNMENT_KEY}
-    found: dict[str, Any] = {}
     try:
         with open(path, "rb") as fh:
             n_tensors, n_kv = _counts(fh, path)
-            for _ in range(n_kv):
-                key = _string(fh, path, keep=True)
-                value = _value(fh, _unpack(fh, "<I", path), path, keep=key in want)
-                if key in want:
-                    found[key] = value
+            found = _kv(fh, path, n_kv, set(keys) | {ALIGNMENT_KEY}, stop_when_found=False)
             tensors = []
             for _ in range(n_tensors):
                 name = _string(fh, path, keep=True)

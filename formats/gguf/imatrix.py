@@ -37,8 +37,9 @@ DEFAULT_TOKEN_BUDGET = 32_768  # ~the 28.6k tokens of 300 demo rows: past that t
 # --imatrix-tokens auto: a compute budget, not a fixed count. The calibration forward costs 2 x (the blocks'
 # linear weights) FLOPs a token, so a fixed count makes the matrix a fixed multiple of what writing and
 # quantizing the GGUF cost, at any size: 32,768 tokens through a 1.18B model is ~8 minutes of float32 on 2 CPU
-# cores (67 tokens/s measured), four to five times the peer path's whole export. The budget holds token x weight at what DEFAULT_TOKEN_BUDGET
-# costs SmolLM2-135M (106M linear weights in its blocks), never below MIN_AUTO_TOKENS: 4,096 from ~0.85B up.
+# cores (67 tokens/s measured), four to five times the peer path's whole export. The budget holds token x weight
+# at what DEFAULT_TOKEN_BUDGET costs SmolLM2-135M (106M linear weights in its blocks), never below
+# MIN_AUTO_TOKENS: 4,096 from ~0.85B up.
 # Measured on the demo fine-tune (q4_k_m, lorax's default recipe, 50 held-out prompts, mean KLD vs the trained
 # model by budget): 1,024 tokens 0.0836, 2,048 0.0932, 4,096 0.0989, 8,192 0.0995, 16,384 0.0798, 28,628 (all)
 # 0.0863; top-1 85.8-91.6%; plain q4_k_m 0.2038. No trend past 1k tokens: the spread is rounding flips.
