@@ -154,6 +154,47 @@ def test_metrics_definitions():
     assert metrics.perplexity(a, ids) == pytest.approx(np.exp(metrics.nll(a, ids).mean()))
 
 
+def _whole_sequence(ref, tgt, ids, scored):
+    """The metrics of one sequence as whole-array float64 formulas (the definitions, no chunking)."""
+    def ls(x):
+        x = np.asarray(x, dtype=np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    p, q = ls(ref), ls(tgt)
+    kld = np.maximum((np.exp(p) * (p - q)).sum(axis=-1), 0.0)
+    rows = np.arange(len(ids) - 1)[np.asarray(scored[1:], dtype=bool)]
+    nxt = np.asarray(ids)[rows + 1]
+    return kld, -p[rows, nxt], -q[rows, nxt]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 100])
+def test_sequence_metrics_in_chunks_are_the_whole_array_formulas_bit_for_bit(monkeypatch, chunk_rows):
+    """_sequence computes a few positions at a time (CHUNK_BYTES); every metric reduces along one position's
+    vocabulary, so chunks of 1, 3 (a ragged last one), 7 (the last holding the position with no next id) or all
+    of the 7 positions give exactly the numbers of the whole-array formulas."""
+    rng = np.random.default_rng(3)
+    ref = (rng.normal(size=(7, 301)) * 4).astype(np.float32)
+    tgt = ref + rng.normal(size=ref.shape).astype(np.float32)
+    ids = rng.integers(0, 301, size=7).tolist()
+    scored = [False, False, True, True, False, True, True]
+    monkeypatch.setattr(metrics, "CHUNK_BYTES", chunk_rows * 301 * 8)
+    kld, agree, mal, nll_r, nll_t = metrics._sequence(ref, tgt, ids, scored)
+    want_kld, want_r, want_t = _whole_sequence(ref, tgt, ids, scored)
+    assert np.array_equal(kld, want_kld) and kld.min() > 0
+    assert np.array_equal(nll_r, want_r) and np.array_equal(nll_t, want_t) and len(nll_r) == 4
+    assert np.array_equal(agree, ref.argmax(-1) == tgt.argmax(-1))
+    assert mal == float(np.abs(ref.astype(np.float64) - tgt).max())
+
+
+def test_log_softmax_leaves_its_input_alone():
+    x = np.random.default_rng(4).normal(size=(3, 9))
+    kept = x.copy()
+    out = metrics.log_softmax(x)
+    assert np.array_equal(x, kept) and out is not x
+    assert np.allclose(np.exp(out).sum(-1), 1.0)
+
+
 def test_baseline_save_compare_and_drift(tiny_model_dir, tmp_path, prompts_file, capsys):
     golden = tmp_path / "golden.json"
     assert main(["baseline", "save", str(tiny_model_dir), "--prompts", str(prompts_file), "--out", str(golden)]) == 0

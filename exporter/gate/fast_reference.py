@@ -22,10 +22,11 @@ import numpy as np
 MEMORY_SHARE = 0.5
 
 # The proof runs the head of a gate sample, this many tokens: every swapped layer multiplies each token by its
-# whole weight, so any token covers every weight, and what the proof pays is two forwards on torch's bf16
-# kernels, which run at ~20 GFLOPS where the CPU lacks native bf16 (1.18B bench, AVX2: the 47-token sample's
-# proof took ~15 s).
-PROBE_TOKENS = 16
+# whole weight, so any token covers every weight (a planted fault in one weight of the first or last layer is
+# caught with 2: tests/test_batched_eval.py), and what the proof pays is forwards on torch's bf16 kernels, ~20
+# GFLOPS where the CPU lacks native bf16. 1.18B bench, AVX2: bitsandbytes' forward 3.5 s at 16 tokens, 2.2 s at 4
+# (its dequantization of the whole base per forward stays); the dequantized layers' 1.8 s at 16, 0.5 s at 4.
+PROBE_TOKENS = 4
 
 
 def dequantize_as_matmul(packed, qs, compute):

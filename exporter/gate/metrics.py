@@ -19,9 +19,10 @@ import numpy as np
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax in float64 (small KLDs of f32 exports are ~1e-6; float32 sums lose them)."""
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    x = np.array(logits, dtype=np.float64)  # a copy of our own: the passes below run in place
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
 
 
 def kld_per_position(ref_logits: np.ndarray, tgt_logits: np.ndarray) -> np.ndarray:
@@ -85,24 +86,41 @@ class Parity:
         return asdict(self)
 
 
+# Positions per pass of _sequence: ~4 MiB of float64 logits. A whole sequence at once (49,152-entry vocabulary,
+# 48 positions: 19 MB per temporary) made every temporary fresh zeroed pages under lorax's 8 MiB mmap threshold
+# (lorax_common.memory), ~8 of them per sequence; in chunks they come from the heap and stay in cache.
+CHUNK_BYTES = 4 << 20
+
+
 def _sequence(ref: np.ndarray, tgt: np.ndarray, ids: Sequence[int],
               scored: Sequence[bool] | None) -> tuple[np.ndarray, ...]:
     """(KLD per position, top-1 agreement, max |Δlogit|, NLL ref, NLL target) of one sequence, each
-    log-softmax computed once (the same numbers as kld_per_position and nll, row by row); the NLLs only of
-    the ids `scored` marks (all ids[1:] when None)."""
+    log-softmax computed once (the same numbers as kld_per_position and nll, row by row: every metric is a
+    reduction along one position's vocabulary, so computing a few positions at a time changes no bit); the
+    NLLs only of the ids `scored` marks (all ids[1:] when None)."""
     _check_shapes(ref, tgt)
     ids = np.asarray(ids)
     if ref.shape[0] != ids.shape[0]:
         raise ValueError(f"logits cover {ref.shape[0]} positions but there are {ids.shape[0]} ids")
-    p, q = log_softmax(ref), log_softmax(tgt)
-    kld = np.maximum((np.exp(p) * (p - q)).sum(axis=-1), 0.0)
-    rows = np.arange(len(ids) - 1)
+    n = len(ids)
+    kld = np.empty(n)
+    nll_r, nll_t = np.empty(max(n - 1, 0)), np.empty(max(n - 1, 0))
+    step = max(1, CHUNK_BYTES // (8 * max(1, ref.shape[-1])))
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        p, q = log_softmax(ref[i:j]), log_softmax(tgt[i:j])
+        k = min(j, n - 1) - i  # positions of this chunk that predict a next id
+        nxt = ids[i + 1:i + 1 + k]
+        nll_r[i:i + k], nll_t[i:i + k] = -p[np.arange(k), nxt], -q[np.arange(k), nxt]
+        np.subtract(p, q, out=q)  # q is p - q from here on
+        q *= np.exp(p)
+        kld[i:j] = np.maximum(q.sum(axis=-1), 0.0)
+    rows = np.arange(n - 1)
     if scored is not None:
         if len(scored) != len(ids):
             raise ValueError(f"the scored mask has {len(scored)} entries but there are {len(ids)} ids")
         rows = rows[np.asarray(scored[1:], dtype=bool)]
-    nxt = ids[rows + 1]
-    return kld, ref.argmax(-1) == tgt.argmax(-1), max_abs_logit(ref, tgt), -p[rows, nxt], -q[rows, nxt]
+    return kld, ref.argmax(-1) == tgt.argmax(-1), max_abs_logit(ref, tgt), nll_r[rows], nll_t[rows]
 
 
 def compare_positions(
