@@ -61,3 +61,91 @@ def test_the_lorax_command_fixes_it_before_any_command():
 def test_main_in_process_leaves_the_allocator_alone():
     """main() called by a host program (tests, notebooks) changes no process-wide setting."""
     assert residue("from exporter.cli.main import main\nmain(['--help'])\nworkload()") > 400
+
+
+
+REUSE = textwrap.dedent("""
+    import resource, torch
+    from lorax_common.memory import heap_reuse, large_blocks_to_os
+
+    def anon_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+
+    def faults(rounds=8):
+        # ten 16 MiB blocks alive at once, touched, then all freed: bitsandbytes' temporaries, weight after weight
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(rounds):
+            blocks = [torch.ones(4 * 2**20) for _ in range(10)]
+            del blocks
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+    assert large_blocks_to_os()
+    before_mib = anon_mib()
+    outside = faults()
+    with heap_reuse():
+        inside = faults()
+        held = anon_mib() - before_mib
+    print(outside, inside, round(held), round(anon_mib() - before_mib))
+    """)
+
+
+def test_heap_reuse_reuses_pages_inside_and_hands_them_back_after():
+    """Outside, every round is fresh pages (8 rounds x 40,960 pages of 4 KiB); inside, the heap grows over the
+    first rounds (~2 here: glibc places a round's blocks around the last's) and the rest reuse its pages, which
+    stay resident until the block ends and release() hands them back."""
+    out = subprocess.run([sys.executable, "-c", REUSE], capture_output=True, text=True, check=True).stdout
+    outside, inside, held, residue = (int(v) for v in out.split())
+    assert outside > 8 * 40_000
+    assert inside < 3 * 40_960
+    assert held > 150 and residue < 50
+
+
+def _spied(monkeypatch, fixed):
+    from lorax_common import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_fixed", fixed)
+    monkeypatch.setattr(memory, "_mallopt", lambda *a: calls.append(a) or True)
+    monkeypatch.setattr(memory, "release", lambda: calls.append("release"))
+    return memory, calls
+
+
+def test_heap_reuse_puts_the_fixed_thresholds_back_even_on_error(monkeypatch):
+    memory, calls = _spied(monkeypatch, {"mmap": 8 << 20, "trim": 128 << 10})
+    with pytest.raises(RuntimeError), memory.heap_reuse(64 << 20):
+        raise RuntimeError("a load failed")
+    mmap, trim = memory._M_MMAP_THRESHOLD, memory._M_TRIM_THRESHOLD
+    assert calls == [(mmap, 64 << 20), (trim, 64 << 20), (mmap, 8 << 20), (trim, 128 << 10), "release"]
+
+
+def test_heap_reuse_leaves_a_host_programs_allocator_alone(monkeypatch):
+    """In a process whose allocator lorax does not own (large_blocks_to_os never ran), heap_reuse calls no
+    mallopt at all."""
+    memory, calls = _spied(monkeypatch, {})
+    with memory.heap_reuse():
+        pass
+    assert calls == []
+
+
+def test_the_4bit_base_is_quantized_inside_heap_reuse(tiny_model_dir, monkeypatch):
+    """base_as_trained.load (the reference's and training's base) runs bitsandbytes' quantization in the block,
+    and the block is over once the model is back."""
+    import contextlib
+
+    from lorax_common import base_as_trained, memory
+    from lorax_common.record import Quantization
+
+    seen, real = [], memory.heap_reuse
+
+    @contextlib.contextmanager
+    def spy(*a, **kw):
+        seen.append("enter")
+        with real(*a, **kw):
+            yield
+        seen.append("exit")
+
+    monkeypatch.setattr(memory, "heap_reuse", spy)
+    model = base_as_trained.load(tiny_model_dir, Quantization("bnb-4bit", "nf4"), "float32")
+    assert seen == ["enter", "exit"] and base_as_trained.pin_4bit_layout(model) > 0

@@ -232,7 +232,8 @@ def calibration_forward(model, rows: list[list[int]], inputs: Mapping[str, objec
         with torch.inference_mode():
             for ids, mask in padded_batches(rows):
                 real[0] = mask.reshape(-1).bool()
-                hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                # no KV cache: nothing reads it, and its per-layer tensors would sit between the activations
+                hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 if head is not None:
                     add(head, hidden, real[0])
                 bar.update(int(mask.sum()))
