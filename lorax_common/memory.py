@@ -3,7 +3,7 @@
     runner.close()
     release()          # lorax export / lorax check: after each model of the gate, and the importance matrix's
     large_blocks_to_os()   # the `lorax` console entry, once, before any command runs (exporter.cli.main.run)
-    with heap_reuse(): ... # a loop of same-size large temporaries (bitsandbytes quantizing a base) on reused pages
+    with heap_reuse(): ...  # a loop of the same large temporaries on reused pages (a 4-bit load, the imatrix)
     buf = ReusedBuffer(); buf.take(n)                   # scratch that is not fresh pages on every call
 
 glibc keeps freed heap pages (the many mid-sized activation tensors) mapped for reuse. Measured on the 1.18B
@@ -75,10 +75,12 @@ def heap_reuse(threshold: int = REUSE_THRESHOLD):
     and frees the same large temporaries reuses their pages instead of faulting in fresh zeroed ones. After:
     the fixed thresholds are back and the free heap goes back to the kernel (release).
 
-    bitsandbytes' CPU 4-bit quantization makes ~6 whole-weight float32 temporaries per weight: at 8 MiB each
-    was fresh pages (58k page faults per 5632 x 2048 weight), and the 1.18B bench base took 0.59-0.69 s per
-    an MLP's up and down weights and a k-sized one, 0.38-0.42 s in here (2-core EPYC); ~0.1-0.25 GB more stays resident
-    until the block ends. Only where large_blocks_to_os fixed the thresholds (the process is lorax's): in a
+    Measured on the 1.18B bench (2-core EPYC, AVX2), each in its own process:
+    - bitsandbytes' CPU 4-bit quantization makes ~6 whole-weight float32 temporaries per weight, each fresh
+      pages at 8 MiB (58k page faults per 5632 x 2048 weight): the reference's base load took 25.7-26.7 s
+      (sys 14-15 s, 5.2M faults), 19.0-19.1 s in here (sys 1.4 s, 0.4M faults), its peak 3.43 -> 3.19-3.25 GB.
+    - The importance matrix's forwards, 2,048 tokens in 512-token batches: 42.8-45.6 s (1.2-1.9M faults),
+      37.8-40.9 s in here (0.3M), peak 3.14-3.26 -> 3.28-3.38 GB. Only where large_blocks_to_os fixed the thresholds (the process is lorax's): in a
     host program this does nothing. The setting is process-wide while it lasts, so other threads' blocks are
     heap blocks too; nothing but speed and residency changes."""
     if not _fixed:

@@ -148,6 +148,7 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
     from formats.gguf.arch import arch_spec, gguf_tensor_name, hparams
     from formats.gguf.writer import read_config
     from lorax_common.log import progress as bar_of
+    from lorax_common.memory import heap_reuse
 
     if token_budget < 1:
         raise FormatError(f"imatrix token budget must be at least 1, got {token_budget}")
@@ -187,7 +188,9 @@ def collect_imatrix(hf_dir: str | Path, sequences: Sequence[Sequence[int]], *,
         else:
             inputs[mapped[0]] = mod
     rows = budget_rows(sequences, token_budget)
-    with bar_of(total=sum(map(len, rows)), desc="imatrix", unit="tok", enabled=progress, leave=False) as bar:
+    # every batch makes the same large activations: from reused heap pages, not fresh ones (lorax_common.memory)
+    with heap_reuse(), bar_of(total=sum(map(len, rows)), desc="imatrix", unit="tok", enabled=progress,
+                              leave=False) as bar:
         calibration_forward(model, rows, inputs, add, out_name, bar)
     last.clear()
     if not sums:
