@@ -38,10 +38,7 @@ def load(base_dir: str | Path, q: Quantization, dtype: str, device_map: dict[str
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "device_map": device_map}
     if q.method == "bnb-4bit":
         kwargs.update(quantization_config=bnb_config(q), device_map=device_map or {"": "cpu"})
-    from lorax_common.memory import heap_reuse
-
-    with heap_reuse():  # bitsandbytes quantizes weight after weight through the same large temporaries
-        model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     pin_4bit_layout(model)
     return model
 

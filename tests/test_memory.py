@@ -129,15 +129,17 @@ def test_heap_reuse_leaves_a_host_programs_allocator_alone(monkeypatch):
     assert calls == []
 
 
-def test_the_4bit_base_is_quantized_inside_heap_reuse(tiny_model_dir, monkeypatch):
-    """base_as_trained.load (the reference's and training's base) runs bitsandbytes' quantization in the block,
-    and the block is over once the model is back."""
+def test_the_importance_matrix_calibrates_inside_heap_reuse(tiny_model_dir, monkeypatch):
+    """collect_imatrix's forwards run in the block (their activations die batch by batch), and the model they
+    run on is loaded before it (long-lived blocks inside would fragment the heap: heap_reuse's docstring)."""
     import contextlib
 
-    from lorax_common import base_as_trained, memory
-    from lorax_common.record import Quantization
+    from formats.gguf import imatrix as im
+    from formats.hf import load as hf_load
+    from lorax_common import memory
 
     seen, real = [], memory.heap_reuse
+    real_forward = im.calibration_forward
 
     @contextlib.contextmanager
     def spy(*a, **kw):
@@ -146,6 +148,12 @@ def test_the_4bit_base_is_quantized_inside_heap_reuse(tiny_model_dir, monkeypatc
             yield
         seen.append("exit")
 
+    def loader(real_load):
+        return lambda *a, **kw: (seen.append("load"), real_load(*a, **kw))[1]
+
     monkeypatch.setattr(memory, "heap_reuse", spy)
-    model = base_as_trained.load(tiny_model_dir, Quantization("bnb-4bit", "nf4"), "float32")
-    assert seen == ["enter", "exit"] and base_as_trained.pin_4bit_layout(model) > 0
+    monkeypatch.setattr(im, "calibration_forward", lambda *a: (seen.append("forward"), real_forward(*a))[1])
+    for name in ("load_causal_lm", "load_float32_compute"):
+        monkeypatch.setattr(hf_load, name, loader(getattr(hf_load, name)))
+    imx = im.collect_imatrix(tiny_model_dir, [[1, 5, 9, 13, 2], [3, 4, 5]], token_budget=64, progress=False)
+    assert seen[-3:] == ["enter", "forward", "exit"] and "load" in seen[:-3] and imx.sums
