@@ -75,14 +75,14 @@ def heap_reuse(threshold: int = REUSE_THRESHOLD):
     and frees the same large temporaries reuses their pages instead of faulting in fresh zeroed ones. After:
     the fixed thresholds are back and the free heap goes back to the kernel (release).
 
-    Only for a block that makes no large long-lived blocks between its temporaries. The importance matrix's
-    forwards (the model loaded before): 2,048 tokens on the 1.18B bench in 512-token batches took 42.8-45.6 s
-    (1.2-1.9M page faults), 37.8-40.9 s in here (0.3M), peak 3.14-3.26 -> 3.28-3.38 GB (three alternating
-    pairs, own process, 2-core EPYC). Not for bitsandbytes' 4-bit load, though its loop gained more (the reference's base 25.7-26.7 ->
-    19.0-19.1 s, 5.2M -> 0.4M faults): each weight's packed codes are long-lived and land in the holes its
-    float32 temporaries left, so the heap grows by ~40 MB a weight. In the bench export that was +2.2 GB
-    resident during the load, and with a release() every second meanwhile the grown heap's free space still
-    served the reference's activations later, which stayed resident: peak 4.03 -> 4.21 GB.
+    Only for a block that makes no large long-lived blocks between its temporaries. The importance matrix's forwards
+    (the model loaded before): 2,048 tokens on the 1.18B bench in 512-token batches took 42.8-45.6 s (1.2-1.9M page
+    faults), 37.8-40.9 s in here (0.3M), peak 3.14-3.26 -> 3.28-3.38 GB (three alternating pairs, own process,
+    2-core EPYC). Not for bitsandbytes' 4-bit load, though its loop gained more (the reference's base 25.7-26.7 ->
+    19.0-19.1 s, 5.2M -> 0.4M faults): each weight's packed codes are long-lived and land in the holes its float32
+    temporaries left, so the heap grows by ~40 MB a weight. In the bench export that was +2.2 GB resident during the
+    load, and with a release() every second meanwhile the grown heap's free space still served the reference's
+    activations later, which stayed resident: peak 4.03 -> 4.21 GB.
 
     Only where large_blocks_to_os fixed the thresholds (the process is lorax's): in a host program this does
     nothing. The setting is process-wide while it lasts, so other threads' blocks are heap blocks too; nothing
