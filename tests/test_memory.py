@@ -15,13 +15,16 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator, /proc")
 
-WORKLOAD = textwrap.dedent("""
-    import sys, torch
-
+# resident anonymous memory of the running process, in MiB (each script below measures with it)
+ANON_MIB = textwrap.dedent("""
     def anon_mib():
         for line in open("/proc/self/status"):
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) / 1024
+    """)
+
+WORKLOAD = ANON_MIB + textwrap.dedent("""
+    import sys, torch
 
     def workload():
         first = torch.ones(6 * 2**20)  # 24 MiB: mmapped, and freeing it moves glibc's threshold up to 24 MiB
@@ -64,14 +67,9 @@ def test_main_in_process_leaves_the_allocator_alone():
 
 
 
-REUSE = textwrap.dedent("""
+REUSE = ANON_MIB + textwrap.dedent("""
     import resource, torch
     from lorax_common.memory import heap_reuse, large_blocks_to_os
-
-    def anon_mib():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
 
     def faults(rounds=8):
         # ten 16 MiB blocks alive at once, touched, then all freed: bitsandbytes' temporaries, weight after weight

@@ -101,8 +101,9 @@ def dequantize_once(runner, ids: Sequence[int]) -> dict:
 def prepare(runner, ids: Sequence[int]) -> dict:
     """The reference made fast and said so: dequantize_once on the first PROBE_TOKENS of `ids`, then (bf16
     compute on a CPU without native bf16) each bf16 linear product accumulated in float32
-    (formats.hf.bf16_compute), with the largest logit change that made on the probe against torch's own kernel. The probe itself runs on torch's kernels, on both
-    sides: bitsandbytes computes inside its own op, which a function mode cannot reach."""
+    (formats.hf.bf16_compute), with the largest logit change that made on the probe against torch's own kernel.
+    The probe itself runs on torch's kernels, on both sides: bitsandbytes computes inside its own op, which a
+    function mode cannot reach."""
     from formats.hf.bf16_compute import accumulate_in_float32, wanted
 
     ids = list(ids)[:PROBE_TOKENS]

@@ -98,9 +98,9 @@ def widened_linear(x, w, b=None):
     return out.to(torch.bfloat16).reshape(*x.shape[:-1], w.shape[0])
 
 
-# Each thread's buffer for widened weight rows. Allocated per chunk, each 4 MiB block was fresh pages from the kernel wherever glibc's mmap
-# threshold is fixed below it (lorax_common.memory): with it at 1 MiB, the 1.18B bench reference's 10 rows x 8
-# decode steps took 32.4 s, 18.5 s with one reused buffer.
+# Each thread's buffer for widened weight rows. Allocated per chunk, each 4 MiB block was fresh pages from the
+# kernel wherever glibc's mmap threshold is fixed below it (lorax_common.memory): with it at 1 MiB, the 1.18B
+# bench reference's 10 rows x 8 decode steps took 32.4 s, 18.5 s with one reused buffer.
 _WIDENED = ReusedBuffer()
 
 
