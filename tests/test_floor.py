@@ -206,23 +206,35 @@ def test_gguf_control_is_the_file_libllama_quantized_from(adapter, tmp_path, mon
 def test_standalone_check_builds_its_control_from_the_exports_merge(adapter, tmp_path, monkeypatch, capsys):
     """`lorax check ADAPTER dist/model-q8_0.gguf`: dist/merged was merged from this adapter (its lorax.json
     says so by sha256), so the control is written from it instead of merging again; checked against another
-    adapter, the same file gets a merge of that adapter."""
+    adapter, the same file gets a merge of that adapter. The control is measured, never shipped: the writer
+    hashes the export's files (lorax.json records them) but not the control's; and the reference's tokenizer,
+    which built the samples, is loaded once."""
+    import hashlib
+
     from adapters import LoraSpec, make_adapter
 
+    import exporter.gate.reference as reference
     import exporter.merge.api as merge_api
+    import formats.gguf.export as gguf_export
     from exporter.gate.reference import read_adapter
 
     _export(adapter, tmp_path / "dist", "--gguf", "--quant", "q8_0")  # q8_0's verdict: the table's, not this test's
-    merges: list = []
+    gguf = tmp_path / "dist" / "model-q8_0.gguf"
+    shipped = {a["path"]: a.get("sha256") for a in json.loads((tmp_path / "dist" / "lorax.json").read_text())["artifacts"]}
+    assert shipped["model-q8_0.gguf"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    merges, hashed, tokenizers = [], [], []
     real = merge_api.merge_adapter
     monkeypatch.setattr(merge_api, "merge_adapter", lambda src, out, opts=None: (
         merges.append((Path(src), opts.adapter_weights)), real(src, out, opts))[1])
-    gguf = tmp_path / "dist" / "model-q8_0.gguf"
+    real_sha, real_tok = gguf_export.sha256_file, reference.load_tokenizer
+    monkeypatch.setattr(gguf_export, "sha256_file", lambda p, *a: (hashed.append(Path(p).name), real_sha(p, *a))[1])
+    monkeypatch.setattr(reference, "load_tokenizer", lambda info: (tokenizers.append(info), real_tok(info))[1])
     args = ["check", "--max-samples", "2", "--gen-tokens", "4", "--floor", "off", "--fresh-reference"]
     main([*args, str(adapter), str(gguf), "--report", str(tmp_path / "r")])
     (row,) = json.loads((tmp_path / "r" / "report.json").read_text())["targets"]
     assert merges == [] and row["control"]["passed"], (merges, row["control"])
     assert row["control"]["metrics"]["kld_mean"] <= 1e-4
+    assert hashed == [] and len(tokenizers) == 1, (hashed, tokenizers)
     other = tmp_path / "other"
     make_adapter(read_adapter(adapter).base_dir, other, trained_on="nf4", double_quant=True, spec=LoraSpec(seed=7))
     main([*args, str(other), str(gguf)])  # its verdict does not matter here: another model

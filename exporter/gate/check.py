@@ -76,7 +76,8 @@ def reference_source(source: str | Path, opts: GateOptions) -> ReferenceSource:
         identity = {"adapter": [file_identity(source / n, by_content=True) for n in ADAPTER_FILES
                                 if (source / n).is_file()],
                     "base": dir_identity(info.base_dir), "trained_on": asdict(info.trained_on)}
-        return ReferenceSource("reference", load_tokenizer(info), identity, lambda: adapter_reference(info))
+        tok = load_tokenizer(info)  # the samples' tokenizer, and the reference's: loaded once
+        return ReferenceSource("reference", tok, identity, lambda: adapter_reference(info, tokenizer=tok))
     if (source / "config.json").is_file():
         from transformers import AutoTokenizer
 

@@ -214,10 +214,11 @@ def base_layout(base_dir: Path, trained_on: TrainedOn) -> BaseLayout:
                       f"{names[id(out)]}.weight" if out is not None and id(out) in names else None, tied)
 
 
-def load_reference(info: AdapterInfo, dtype: str | None = None):
+def load_reference(info: AdapterInfo, dtype: str | None = None, tokenizer=None):
     """(model, tokenizer): the base loaded as in training, the adapter on top, eval mode, on CPU.
 
-    `dtype` overrides the load dtype (e.g. to measure how much of a gap is the reference's own rounding).
+    `dtype` overrides the load dtype (e.g. to measure how much of a gap is the reference's own rounding);
+    `tokenizer`: load_tokenizer(info) when the caller already has it (the gate built its samples with it).
     """
     from peft import PeftModel
 
@@ -228,7 +229,7 @@ def load_reference(info: AdapterInfo, dtype: str | None = None):
     _off_the_file(base)
     model = PeftModel.from_pretrained(base, info.adapter_dir)
     model.eval()
-    return model, load_tokenizer(info)
+    return model, tokenizer if tokenizer is not None else load_tokenizer(info)
 
 
 def _off_the_file(model) -> None:
@@ -258,11 +259,11 @@ def load_tokenizer(info: AdapterInfo):
     return AutoTokenizer.from_pretrained(src)
 
 
-def reference_runner(info: AdapterInfo, dtype: str | None = None):
+def reference_runner(info: AdapterInfo, dtype: str | None = None, tokenizer=None):
     """The reference as a `formats.runner.Runner` (what the gate compares every artifact against)."""
     from formats.hf.runner import HFRunner
 
-    model, tokenizer = load_reference(info, dtype)
+    model, tokenizer = load_reference(info, dtype, tokenizer)
     # torch's own bf16 kernels: fast_reference.prepare proves the dequantized-once layers against bitsandbytes'
     # path in them first, then switches to float32 accumulation where the CPU has no native bf16
     return HFRunner(info.adapter_dir, name="reference", model=model, tokenizer=tokenizer, float32_accumulate=False)

@@ -126,9 +126,9 @@ def normalise_quants(quants: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 def _build_gguf(hf_dir: Path, dtype: str, work: Path, stem: str, recipe=None) -> Path:
     from formats.gguf.export import GGUFOptions, export_gguf
 
-    out = export_gguf(hf_dir, work / f"{stem}-gguf", [dtype], GGUFOptions(stem=stem, force=True, check_tokenizer=False,
-                      progress=False, recipes={dtype: recipe} if recipe is not None else {}))
-    return out.files[0].path
+    opts = GGUFOptions(stem=stem, force=True, check_tokenizer=False, progress=False, digests=False,
+                       recipes={dtype: recipe} if recipe is not None else {})
+    return export_gguf(hf_dir, work / f"{stem}-gguf", [dtype], opts).files[0].path
 
 
 def _build_onnx(hf_dir: Path, dtype: str, work: Path, stem: str, recipe=None) -> Path:
