@@ -35,8 +35,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str], str]] = {
                "lorax export --gguf --quant q4_k_m with its gate vs PEFT merge + convert_hf_to_gguf + "
                "llama_model_quantize, no check (1.18B)"),
     "check": ("bench_gate.py", ["--adapter", "out/demo/adapter", "--hand-loop", "out/demo/dist/model-q8_0.gguf",
-                                "--max-samples", "8", "--rounds", "3"], ["--adapter", "out/demo/adapter", "--hand-loop",
-                                                        "out/demo/dist/model-q8_0.gguf", "--max-samples", "4"],
+                                "--max-samples", "8", "--rounds", "3"],
+              ["--adapter", "out/demo/adapter", "--hand-loop", "out/demo/dist/model-q8_0.gguf", "--max-samples", "4"],
               "lorax check of one GGUF (fresh, then reusing the stored reference) vs a hand-written loop "
               "(demo fine-tune)"),
     "train": ("bench_train.py", [], ["--steps", "10"],

@@ -12,7 +12,7 @@ compared on the same files: the metrics must agree and the time is the point.
 --hand-loop GGUF times, in one process and on the same samples, what a user would check by hand (the PEFT
 model on its 4-bit base, then the GGUF in llama-cpp-python: teacher-forced logits and 16 greedy tokens per
 prompt, one prompt at a time) against `lorax check ADAPTER GGUF` computing its reference, and against a
-second `lorax check` that reuses the stored reference outputs. The hand loop alone spread 40-47 s in one
+second `lorax check` that reuses the stored reference outputs. The hand loop alone spread 35-47 s in one
 session on one machine, as wide as the margin being measured: --rounds repeats the three and reports the
 median ratios.
 """

@@ -220,7 +220,8 @@ def test_standalone_check_builds_its_control_from_the_exports_merge(adapter, tmp
 
     _export(adapter, tmp_path / "dist", "--gguf", "--quant", "q8_0")  # q8_0's verdict: the table's, not this test's
     gguf = tmp_path / "dist" / "model-q8_0.gguf"
-    shipped = {a["path"]: a.get("sha256") for a in json.loads((tmp_path / "dist" / "lorax.json").read_text())["artifacts"]}
+    record = json.loads((tmp_path / "dist" / "lorax.json").read_text())
+    shipped = {a["path"]: a.get("sha256") for a in record["artifacts"]}
     assert shipped["model-q8_0.gguf"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
     merges, hashed, tokenizers = [], [], []
     real = merge_api.merge_adapter
